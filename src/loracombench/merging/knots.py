@@ -1,0 +1,69 @@
+"""KnOTS: Stoica, Ramesh, Ecsedi, Choshen, Hoffman 2025, "Model merging with SVD to tie the Knots",
+ICLR 2025, arXiv 2410.19735.
+
+LoRA updates of different tasks are poorly aligned, so merging them entry by entry (TIES, DARE)
+mixes unrelated coordinates. KnOTS first writes every task in one shared basis:
+1. concatenate the task updates column-wise, [ΔW₁ … ΔWₙ] (out × n·in), and take its SVD,
+   U Σ [V₁ᵀ … Vₙᵀ]: UΣ is a basis shared by all tasks and Vᵢᵀ (k × in) holds task i's
+   coordinates in it, ΔWᵢ = UΣVᵢᵀ exactly;
+2. merge the coordinates: merge=ta takes Σ wᵢVᵢᵀ (so ΔW = Σ wᵢΔWᵢ exactly, task arithmetic);
+   merge=ties applies TIES to the wᵢVᵢᵀ (trim each to `density`, elect signs, disjoint mean);
+3. map back, ΔW = UΣ·V_mergedᵀ, stored exactly as B = UΣ, A = V_mergedᵀ, rank k ≤ Σ rᵢ.
+The SVD comes from the factors, [ΔW₁ … ΔWₙ] = [s₁B₁ … sₙBₙ]·blockdiag(A₁, …, Aₙ), via one QR and
+a small SVD. Components with numerically zero singular values are dropped: their rows of Vᵀ are
+arbitrary unit vectors that would otherwise compete in TIES' magnitude trimming.
+The paper merges the V's with TIES or DARE-TIES; here density defaults to 1 (no trimming), so the
+default is TIES' sign-consensus mean taken in the aligned basis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loracombench.merging import params as shared
+from loracombench.merging.factors import LoraFactors
+from loracombench.merging.ops import svd_of_product
+from loracombench.merging.registry import MergeMethod, register
+from loracombench.merging.ties import ties_combine
+
+MERGES = ("ties", "ta")
+
+
+def shared_basis(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(UΣ, Σ, stacked Vᵢᵀ of shape (n, k, in)) of the column-wise concatenated updates."""
+    folded = [f.folded() for f in factors]
+    u, s, vh = svd_of_product(torch.cat([f.lora_B for f in folded], dim=1),
+                              torch.block_diag(*[f.lora_A for f in folded]))
+    keep = s > s[0] * max(vh.shape) * torch.finfo(s.dtype).eps
+    keep[0] = True
+    u, s, vh = u[:, keep], s[keep], vh[keep]
+    in_features = factors[0].lora_A.shape[1]
+    coordinates = vh.reshape(len(s), len(factors), in_features).transpose(0, 1)
+    return u * s, s, coordinates
+
+
+def merge_knots(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
+    basis, singular, coordinates = shared_basis(factors)
+    weighted = coordinates * torch.tensor(weights, dtype=coordinates.dtype)[:, None, None]
+    if params["merge"] == "ta":
+        merged = weighted.sum(dim=0)
+    else:
+        merged = ties_combine(weighted, params["density"], params["sign_mode"])
+    return LoraFactors(merged, basis, 1.0), {"rank": len(singular)}
+
+
+register(MergeMethod(
+    name="knots",
+    fn=merge_knots,
+    params=(
+        shared.choice("merge", "ties", MERGES, "how the aligned task coordinates Vᵢ are merged"),
+        shared.density(1.0, "fraction of each Vᵢ kept by magnitude when merge=ties"),
+        shared.sign_mode(),
+    ),
+    reference="Stoica, Ramesh, Ecsedi, Choshen, Hoffman 2025, 'Model merging with SVD to tie the Knots', "
+              "ICLR 2025, arXiv 2410.19735",
+    summary="SVD of the concatenated updates gives a shared basis; the task coordinates are merged in it",
+    averages=True,
+    needs_equal_ranks=False,
+    takes_union_of_modules=True,
+))

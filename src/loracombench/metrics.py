@@ -1,0 +1,102 @@
+"""Metrics with confidence intervals, and the one result-file format every evaluation writes.
+
+A result folder holds metrics.json (self-describing: task, split, sample, model, metrics with
+95% intervals) and predictions.jsonl (one line per example). Model evaluations and classical
+baselines share it, so the report treats them alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+
+SCHEMA = "loracombench.eval/1"
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; well behaved at 0 and 1, unlike Wald."""
+    if n <= 0:
+        raise ValueError("a proportion needs at least one trial")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(successes: int, n: int) -> dict:
+    low, high = wilson_interval(successes, n)
+    return {"value": successes / n, "ci_low": low, "ci_high": high, "n": n, "interval": "wilson95"}
+
+
+def bootstrap_mean(values, seed: int = 0, resamples: int = 2000) -> dict:
+    """Mean with a percentile-bootstrap 95% interval (for per-example losses and F1-like scores)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        raise ValueError("a mean needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (resamples, values.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"value": float(values.mean()), "ci_low": float(low), "ci_high": float(high),
+            "n": int(values.size), "interval": "bootstrap95"}
+
+
+def bootstrap_statistic(statistic, gold, predicted, seed: int = 0, resamples: int = 1000) -> dict:
+    """A corpus-level statistic (e.g. macro-F1) with a percentile-bootstrap 95% interval."""
+    gold, predicted = np.asarray(gold), np.asarray(predicted)
+    rng = np.random.default_rng(seed)
+    draws = [statistic(gold[idx], predicted[idx])
+             for idx in rng.integers(0, gold.size, (resamples, gold.size))]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"value": float(statistic(gold, predicted)), "ci_low": float(low), "ci_high": float(high),
+            "n": int(gold.size), "interval": "bootstrap95"}
+
+
+def classification_metrics(gold: list[int], predicted: list[int], n_classes: int) -> dict:
+    from sklearn.metrics import f1_score
+
+    def macro_f1(g, p):
+        return f1_score(g, p, labels=list(range(n_classes)), average="macro", zero_division=0)
+
+    correct = sum(int(g == p) for g, p in zip(gold, predicted))
+    return {"accuracy": proportion(correct, len(gold)),
+            "macro_f1": bootstrap_statistic(macro_f1, gold, predicted)}
+
+
+def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metrics: dict,
+                  primary_metric: str, chance: float, config: dict | None = None,
+                  elapsed_s: float | None = None) -> dict:
+    return {
+        "schema": SCHEMA,
+        "task": task,
+        "split": split,
+        "n": n,
+        "seed": seed,
+        "model": model,
+        "primary_metric": primary_metric,
+        "chance": chance,
+        "metrics": metrics,
+        "config": config or {},
+        "elapsed_s": elapsed_s,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_result(out_dir: str | Path, record: dict, predictions: list[dict]) -> Path:
+    """Write predictions first and metrics.json last: metrics.json marks a finished result."""
+    out_dir = Path(out_dir)
+    io.write_jsonl(out_dir / "predictions.jsonl", predictions)
+    return io.write_json(out_dir / "metrics.json", record)
+
+
+def read_result(out_dir: str | Path) -> dict:
+    record = io.read_json(Path(out_dir) / "metrics.json")
+    if record.get("schema") != SCHEMA:
+        raise ValueError(f"{out_dir}/metrics.json is not a {SCHEMA} result")
+    return record

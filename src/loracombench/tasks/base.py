@@ -1,0 +1,50 @@
+"""The contract every task module fulfils: where its data lives, its prompt and target, its metric."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+
+class Task(ABC):
+    """A benchmark task. Subclasses are small declarative modules (see ag_news.py, gsm8k.py)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    hub_path: ClassVar[str]
+    hub_config: ClassVar[str | None] = None
+    # Splits of the local mirror; the hub may have fewer (AG News has no validation split there).
+    splits: ClassVar[tuple[str, ...]]
+    hub_splits: ClassVar[tuple[str, ...]]
+    fields: ClassVar[dict[str, type]]
+    # "multiple_choice": log-likelihood of each choice; "generation": greedy decoding + extraction.
+    kind: ClassVar[str]
+    primary_metric: ClassVar[str]
+    chance: ClassVar[float]
+
+    @abstractmethod
+    def prompt(self, row: dict) -> str:
+        """The text the model conditions on."""
+
+    @abstractmethod
+    def target(self, row: dict) -> str:
+        """The continuation the adapter is trained to produce (loss is computed on it alone)."""
+
+    def check_row(self, row: dict) -> str | None:
+        """Why a row is unusable, or None. Field presence and types are checked here."""
+        for field, kind in self.fields.items():
+            if field not in row:
+                return f"missing field {field!r}"
+            value = row[field]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                return f"field {field!r} must be an integer, got {value!r}"
+            if kind is str:
+                if not isinstance(value, str):
+                    return f"field {field!r} must be a string, got {type(value).__name__}"
+                if not value.strip():
+                    return f"field {field!r} is empty"
+        return None
+
+    def stratum(self, row: dict) -> object | None:
+        """The key that subsampling balances on (the label for classification), or None."""
+        return None

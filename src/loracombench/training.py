@@ -1,0 +1,162 @@
+"""LoRA fine-tuning of a base model on one task, with the loss on the target tokens only."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import adapters, io
+from .models import LoadedModel, autocast, pick_device, target_modules_for
+from .tasks import Task
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainConfig:
+    """The original project's defaults: r=16, lr 2e-4, 3 epochs."""
+
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None  # None: chosen per architecture (models.TARGET_MODULES)
+    learning_rate: float = 2e-4
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> Example | None:
+    """Prompt and target tokenised separately (as scoring does), target ends with EOS, the prompt
+    is masked out of the loss; sequences are cut on the right. None when no target token is left."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + target_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Example(input_ids, labels)
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def lora_config(config: TrainConfig, model_type: str):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules or target_modules_for(model_type),
+        # GPT-2 stores its projections as Conv1D (in, out); PEFT must transpose ΔW for them.
+        fan_in_fan_out=model_type == "gpt2", bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: TrainConfig, out_dir: str | Path,
+                  progress: bool = True, extra_metadata: dict | None = None) -> dict:
+    """Train one LoRA adapter and save it (PEFT format + metadata + loss curve) to out_dir."""
+    from peft import get_peft_model
+
+    tokenizer = loaded.tokenizer
+    examples = [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length) for r in rows]
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        raise ValueError(f"no training example of {task.name} fits max_length={config.max_length}")
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    model = get_peft_model(loaded.model, lora_config(config, loaded.model.config.model_type)).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(kept) / (config.batch_size * config.grad_accum))
+    total_steps = steps_per_epoch * config.epochs
+    # Linear decay to zero without warm-up, as transformers' Trainer does by default.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
+    curve, started = [], time.time()
+    order_rng = random.Random(config.seed)
+    bar = tqdm(total=total_steps, desc=f"train {task.name}", disable=not progress)
+    model.train()
+    for epoch in range(config.epochs):
+        order = list(range(len(kept)))
+        order_rng.shuffle(order)
+        chunks = [order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        for start in range(0, len(chunks), config.grad_accum):
+            group = chunks[start: start + config.grad_accum]
+            n_target = sum(sum(label != IGNORE_INDEX for label in kept[i].labels[1:]) for c in group for i in c)
+            loss_sum = 0.0
+            for chunk in group:
+                batch = {k: v.to(device) for k, v in collate([kept[i] for i in chunk], tokenizer.pad_token_id).items()}
+                with autocast(device):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # Sum over target tokens, divided by the whole update's token count, so that
+                # gradient accumulation gives the same step as one large batch.
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                    ignore_index=IGNORE_INDEX, reduction="sum") / n_target
+                loss.backward()
+                loss_sum += loss.item()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append({"step": len(curve) + 1, "epoch": epoch + 1, "loss": loss_sum,
+                          "lr": schedule.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}")
+    bar.close()
+    model.eval()
+    elapsed = time.time() - started
+    metadata = {
+        "kind": "trained", "task": task.name, "base_model": loaded.fingerprint,
+        "config": asdict(config), "seed": config.seed, "n_train": len(rows),
+        "n_used": len(kept), "train_time_s": round(elapsed, 2), "steps": len(curve),
+        "final_loss": curve[-1]["loss"], "device": str(device), **(extra_metadata or {}),
+    }
+    model.peft_config["default"].base_model_name_or_path = loaded.path
+    adapters.save_peft_model(model, out_dir, metadata, extra_files={
+        "loss_curve.json": lambda path: io.write_json(path, curve),
+        "loss_curve.png": lambda path: plot_loss_curve(curve, task.name, path),
+    })
+    return metadata
+
+
+def plot_loss_curve(curve: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], marker="." if len(curve) < 50 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean target-token cross-entropy")
+    ax.set_title(f"LoRA training loss: {title}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with io.atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
