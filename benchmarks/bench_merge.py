@@ -1,0 +1,101 @@
+"""Time merge_modules for every registered method on adapters shaped like SmolLM2-135M's.
+
+Two synthetic adapters (seeded), 30 layers × q_proj (576 → 576) and v_proj (576 → 192),
+r = 16, lora_alpha = 32; each method runs with its default parameters, median of 3 runs.
+
+    python benchmarks/bench_merge.py [--out benchmarks/results/merge_timing.json] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from threadpoolctl import threadpool_limits  # installed with scikit-learn, a dependency
+
+from loracombench.merging import METHODS, merge_modules
+from loracombench.merging.factors import LoraFactors
+
+LAYERS = 30
+HIDDEN = 576
+KV_OUT = 192
+RANK = 16
+ALPHA = 32
+DEFAULT_OUT = Path(__file__).parent / "results" / "merge_timing.json"
+
+
+def synthetic_adapter(generator: torch.Generator) -> dict[str, LoraFactors]:
+    """One adapter, factors at the magnitudes a trained LoRA of this size roughly has."""
+    shapes = {"q_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, KV_OUT)}
+    adapter = {}
+    for layer in range(LAYERS):
+        for projection, (in_features, out_features) in shapes.items():
+            lora_A = torch.randn(RANK, in_features, generator=generator) / in_features**0.5
+            lora_B = torch.randn(out_features, RANK, generator=generator) * 0.01
+            adapter[f"model.layers.{layer}.self_attn.{projection}"] = LoraFactors(lora_A, lora_B, ALPHA / RANK)
+    return adapter
+
+
+def synthetic_modules(adapters: int = 2, seed: int = 0) -> dict[str, list[LoraFactors]]:
+    generator = torch.Generator().manual_seed(seed)
+    built = [synthetic_adapter(generator) for _ in range(adapters)]
+    return {name: [adapter[name] for adapter in built] for name in built[0]}
+
+
+def time_method(name: str, modules: dict, repeats: int) -> float:
+    durations = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        merge_modules(name, modules)
+        durations.append(time.perf_counter() - start)
+    return statistics.median(durations)
+
+
+def write_json_atomically(payload: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON table")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per method; the median is reported")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and the BLAS/LAPACK under scipy (default 1: the matrices are "
+                             "small, and spinning threads on a shared CPU cost far more than they gain)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modules = synthetic_modules()
+    with threadpool_limits(limits=args.threads):
+        seconds = {name: time_method(name, modules, args.repeats) for name in METHODS}
+    print(f"{'method':<18}{'seconds':>10}")
+    for name, value in seconds.items():
+        print(f"{name:<18}{value:>10.3f}")
+    payload = {
+        "setup": {"layers": LAYERS, "modules": len(modules), "adapters": 2, "rank": RANK, "lora_alpha": ALPHA,
+                  "shapes": {"q_proj": [HIDDEN, HIDDEN], "v_proj": [KV_OUT, HIDDEN]},
+                  "repeats": args.repeats, "statistic": "median", "torch_threads": args.threads,
+                  "torch": torch.__version__},
+        "seconds": seconds,
+    }
+    write_json_atomically(payload, args.out)
+    print(f"wrote {args.out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The `eda` and `baseline` subcommands. The main CLI calls `add_parsers(subparsers)` and then
+`args.func(args)`; handlers return an exit code and signal bad input with ValueError (DataError)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_TOKENIZER = "smollm2-135m"
+
+
+def _task_names() -> list[str]:
+    from .eda import REQUIRED_SPLITS
+
+    return sorted(REQUIRED_SPLITS)
+
+
+def add_parsers(subparsers) -> None:
+    eda = subparsers.add_parser(
+        "eda",
+        help="dataset statistics (JSON) and plots (PNG) for the tasks",
+        description="Exploratory data analysis: class counts and length distributions (AG News), "
+                    "whether text length predicts the class (length-only classifiers, "
+                    "Kruskal-Wallis), GSM8K question/answer length correlations with 95% CIs, "
+                    "reasoning steps and calculator annotations, and token-length percentiles of "
+                    "prompt+target under the base model's tokenizer. Writes OUT/eda_stats.json "
+                    "(last) and OUT/*.png.")
+    eda.add_argument("--task", nargs="+", choices=_task_names(), default=_task_names(),
+                     metavar="TASK", help=f"tasks to analyse (default: all; choices: {', '.join(_task_names())})")
+    eda.add_argument("--data-dir", help="local mirror folder (default: $LORACOMBENCH_DATA_DIR, else the hub)")
+    eda.add_argument("--out", required=True, type=Path, help="output folder")
+    eda.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                     help=f"base model whose tokenizer counts tokens (default: {DEFAULT_TOKENIZER})")
+    eda.add_argument("--no-tokens", action="store_true",
+                     help="skip the token-length statistics (no tokenizer is loaded)")
+    eda.set_defaults(func=run_eda_command)
+
+    base = subparsers.add_parser(
+        "baseline",
+        help="classical baselines (TF-IDF classifiers, majority, nearest neighbour)",
+        description="Fit classical baselines on the train split and evaluate them on the test "
+                    "split. ag_news: majority class, multinomial naive Bayes, TF-IDF + logistic "
+                    "regression, TF-IDF + linear SVM. gsm8k: majority answer, TF-IDF nearest "
+                    "neighbour. Writes OUT/<baseline>/metrics.json and predictions.jsonl in the "
+                    "format of model evaluations.")
+    base.add_argument("--task", required=True, choices=_task_names(), help="task to evaluate")
+    base.add_argument("--data-dir", help="local mirror folder (default: $LORACOMBENCH_DATA_DIR, else the hub)")
+    base.add_argument("--n-train", type=int, default=None,
+                      help="seeded sample of N training rows (default: all)")
+    base.add_argument("--n-eval", type=int, default=None,
+                      help="seeded sample of N test rows (default: all)")
+    base.add_argument("--seed", type=int, default=0, help="sampling and model seed (default: 0)")
+    base.add_argument("--out", required=True, type=Path, help="output folder")
+    base.set_defaults(func=run_baseline_command)
+
+
+def _load_tokenizer(name: str):
+    try:
+        from .models import load_tokenizer
+    except ImportError as err:
+        raise ValueError(f"cannot load the tokenizer ({err}); rerun with --no-tokens to skip "
+                         "the token statistics") from err
+    return load_tokenizer(name)
+
+
+def run_eda_command(args: argparse.Namespace) -> int:
+    from . import eda
+    from .io import read_json
+    from .data import resolve_data_dir
+
+    # Data first: a bad mirror fails at once, before the (slow) tokenizer loads.
+    folder = resolve_data_dir(args.data_dir)
+    loaded = eda.load_task_splits(args.task, folder)
+    tokenizer = None if args.no_tokens else _load_tokenizer(args.tokenizer)
+    path = eda.write_eda(loaded, args.out, tokenizer, source=str(folder) if folder else "hub")
+    record = read_json(path)
+    print(f"wrote {path} and {len(record['plots'])} plots in {args.out}")
+    for name, stats in record["tasks"].items():
+        if name == "ag_news":
+            lpc = stats["length_predicts_class"]
+            acc = lpc["decision_stump"]["accuracy"]
+            print(f"ag_news: length-only stump test accuracy {acc['value']:.3f} "
+                  f"[{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] vs chance {lpc['chance']:.2f}")
+        if name == "gsm8k":
+            for split, s in stats["splits"].items():
+                corr = s["question_answer_correlation"]
+                print(f"gsm8k {split}: question/answer words Pearson {_r(corr['pearson'])}, "
+                      f"Spearman {_r(corr['spearman'])}")
+        if stats.get("token_lengths"):
+            pooled = stats["token_lengths"]["all_splits"]["prompt_plus_target"]
+            print(f"{name}: prompt+target tokens p50 {pooled['p50']:.0f}, p95 {pooled['p95']:.0f}, "
+                  f"p99 {pooled['p99']:.0f}, max {pooled['max']:.0f}")
+    return 0
+
+
+def _r(d: dict) -> str:
+    if d["r"] is None:
+        return "undefined"
+    if d["ci_low"] is None:
+        return f"{d['r']:.3f}"
+    return f"{d['r']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+
+
+def run_baseline_command(args: argparse.Namespace) -> int:
+    from .baselines import run_baselines
+    from .data import load_sample
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    train = load_sample(task, "train", args.n_train, args.seed, args.data_dir)
+    evaluation = load_sample(task, "test", args.n_eval, args.seed, args.data_dir)
+    folders = run_baselines(task.name, train, evaluation, args.out, seed=args.seed, split="test",
+                            config={"n_train_requested": args.n_train, "n_eval_requested": args.n_eval})
+    from .metrics import read_result
+
+    print(f"{task.name}: {len(train)} train rows, {len(evaluation)} test rows, seed {args.seed}")
+    for folder in folders:
+        record = read_result(folder)
+        m = record["metrics"][record["primary_metric"]]
+        print(f"  {folder.name:<26} {record['primary_metric']} {m['value']:.4f} "
+              f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]  -> {folder}")
+    return 0
