@@ -1,0 +1,76 @@
+"""Scoring, generation, metrics and confidence intervals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loracombench import metrics
+from loracombench.evaluation import EvalConfig, continuation_logprobs, cut_at_stop, encode, evaluate
+from loracombench.tasks import get_task
+
+
+def reference_logprob(model, context, continuation):
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([context + continuation])).logits[0, :-1], -1)
+    return sum(logprobs[len(context) - 1 + j, t].item() for j, t in enumerate(continuation))
+
+
+def test_batched_left_padded_scoring_equals_one_at_a_time(tiny_gpt2):
+    model, tok = tiny_gpt2.model, tiny_gpt2.tokenizer
+    task = get_task("ag_news")
+    rows = [{"text": "Short one", "label": 0}, {"text": "A much longer article about markets " * 4, "label": 2}]
+    requests = [(encode(tok, task.prompt(r)), encode(tok, c)) for r in rows for c in task.choices(r)]
+    requests.append((encode(tok, "Question: 2+2?\nAnswer:"), encode(tok, " It is 4.\n#### 4")))
+    batched = continuation_logprobs(model, tok, requests, batch_size=3)
+    expected = [reference_logprob(model, c, t) for c, t in requests]
+    assert batched == pytest.approx(expected, abs=1e-4)
+
+
+def test_wilson_interval_known_values():
+    low, high = metrics.wilson_interval(77, 100)
+    assert (round(low, 4), round(high, 4)) == (0.6785, 0.8416)
+    assert metrics.wilson_interval(0, 30)[0] == 0.0 and metrics.wilson_interval(0, 30)[1] == pytest.approx(0.1135, abs=1e-4)
+    with pytest.raises(ValueError):
+        metrics.wilson_interval(0, 0)
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    result = metrics.bootstrap_mean([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert result["value"] == 4.0 and result["ci_low"] < 4.0 < result["ci_high"]
+
+
+def test_cut_at_stop_takes_the_earliest():
+    assert cut_at_stop("x = 4\n#### 4\n\n\nQuestion: next", ("Question:", "\n\n\n")) == "x = 4\n#### 4"
+    assert cut_at_stop("no stop here", ("Question:",)) == "no stop here"
+
+
+def test_evaluate_writes_metrics_and_predictions(tiny_gpt2, tmp_path):
+    rows = [{"text": f"story {i}", "label": i % 4} for i in range(8)]
+    record = evaluate(tiny_gpt2.model, tiny_gpt2.tokenizer, get_task("ag_news"), rows, EvalConfig(),
+                      {"label": "base", "kind": "base"}, out_dir=tmp_path / "ag", progress=False)
+    assert metrics.read_result(tmp_path / "ag") == record
+    lines = (tmp_path / "ag" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and all(len(json.loads(l)["logprobs"]) == 4 for l in lines)
+    accuracy = record["metrics"]["accuracy"]
+    assert accuracy["value"] == sum(json.loads(l)["correct"] for l in lines) / 8
+    assert 0 <= accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"] <= 1
+
+
+def test_gsm8k_evaluation_generates_extracts_and_scores_nll(tiny_gpt2, tmp_path):
+    rows = [{"question": f"What is {a} plus {a}?", "answer": f"{a}+{a}={2 * a}\n#### {2 * a}"} for a in (1, 2, 3)]
+    config = EvalConfig(n_generate=2, max_new_tokens=6)
+    record = evaluate(tiny_gpt2.model, tiny_gpt2.tokenizer, get_task("gsm8k"), rows, config,
+                      {"label": "base", "kind": "base"}, out_dir=tmp_path / "g", progress=False)
+    predictions = [json.loads(l) for l in (tmp_path / "g" / "predictions.jsonl").read_text().splitlines()]
+    assert [("output" in p) for p in predictions] == [True, True, False]
+    assert record["metrics"]["exact_match_flexible"]["n"] == 2 and record["metrics"]["gold_nll"]["n"] == 3
+    assert record["metrics"]["gold_nll"]["value"] == pytest.approx(sum(p["gold_nll"] for p in predictions) / 3, abs=1e-4)
+    assert record["metrics"]["gold_nll"]["value"] > 0
+
+
+def test_evaluate_refuses_no_rows(tiny_gpt2):
+    with pytest.raises(ValueError, match="no ag_news examples"):
+        evaluate(tiny_gpt2.model, tiny_gpt2.tokenizer, get_task("ag_news"), [], EvalConfig(), {})

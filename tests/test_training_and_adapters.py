@@ -1,0 +1,100 @@
+"""LoRA training on tiny models, PEFT round trips, factor I/O and base-model checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from loracombench import adapters
+from loracombench.models import load_model
+from loracombench.tasks import get_task
+from loracombench.training import IGNORE_INDEX, TrainConfig, encode_example, train_adapter
+
+AG_ROWS = [{"text": f"{w} story {i}", "label": y}
+           for i in range(3) for y, w in enumerate(["war", "goal", "stocks", "chip"])]
+
+
+def test_prompt_is_masked_and_target_ends_with_eos(tiny_gpt2):
+    tok = tiny_gpt2.tokenizer
+    task = get_task("ag_news")
+    row = AG_ROWS[0]
+    example = encode_example(tok, task.prompt(row), task.target(row), max_length=512)
+    prompt_len = len(tok(task.prompt(row), add_special_tokens=False)["input_ids"])
+    target_ids = tok(" World", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert example.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert example.labels[prompt_len:] == target_ids
+    assert example.input_ids[prompt_len:] == target_ids
+    # Cut on the right; an example left with no target token is dropped.
+    assert len(encode_example(tok, task.prompt(row), task.target(row), max_length=prompt_len + 1).input_ids) == prompt_len + 1
+    assert encode_example(tok, task.prompt(row), task.target(row), max_length=prompt_len) is None
+
+
+def _train(name, out, **overrides):
+    loaded = load_model(name)
+    config = TrainConfig(epochs=1, batch_size=4, max_length=64, learning_rate=5e-3, **overrides)
+    meta = train_adapter(loaded, get_task("ag_news"), AG_ROWS, config, out, progress=False)
+    return loaded, meta
+
+
+@pytest.mark.parametrize("name, module, layer_type", [
+    ("tiny-gpt2", "transformer.h.0.attn.c_attn", "Conv1D"),
+    ("tiny-llama", "model.layers.0.self_attn.q_proj", "Linear"),
+])
+def test_lora_trains_and_round_trips_through_plain_peft(tmp_path, name, module, layer_type):
+    loaded, meta = _train(name, tmp_path / "adapter", lora_alpha=8)  # alpha != r
+    trained = loaded.model  # PEFT injected the trained LoRA layers into this instance
+    lora_layer = dict(trained.named_modules())[module]
+    assert type(lora_layer.base_layer).__name__ == layer_type
+    assert lora_layer.lora_B["default"].weight.abs().sum() > 0, "training must move lora_B off zero"
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is (layer_type == "Conv1D")
+    assert meta["task"] == "ag_news" and meta["base_model"] == loaded.fingerprint
+    assert meta["steps"] == 3 and meta["final_loss"] > 0
+    assert (tmp_path / "adapter" / "loss_curve.png").stat().st_size > 1000
+    # Plain PEFT, no loracombench code: same logits as the model that was trained.
+    reloaded = PeftModel.from_pretrained(load_model(name).model, str(tmp_path / "adapter")).eval()
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_read_adapter_scale_and_write_factors_preserve_delta_weight(tmp_path):
+    _train("tiny-llama", tmp_path / "a", lora_alpha=8, r=4)
+    adapter = adapters.read_adapter(tmp_path / "a")
+    module = "model.layers.1.self_attn.v_proj"
+    factors = adapter.factors[module]
+    assert factors.scale == pytest.approx(8 / 4) and factors.rank == 4
+    adapters.write_factors(tmp_path / "b", adapter.factors, adapter.config, {"kind": "copy"})
+    copied = adapters.read_adapter(tmp_path / "b")
+    torch.testing.assert_close(copied.factors[module].delta_weight(), factors.delta_weight())
+    # and PEFT sees the same model through both folders
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        original = PeftModel.from_pretrained(load_model("tiny-llama").model, str(tmp_path / "a"))(ids).logits
+        rewritten = PeftModel.from_pretrained(load_model("tiny-llama").model, str(tmp_path / "b"))(ids).logits
+    torch.testing.assert_close(original, rewritten, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_refuses_another_base(tmp_path):
+    _train("tiny-llama", tmp_path / "llama")
+    with pytest.raises(adapters.AdapterError, match="was made for base model tiny-llama"):
+        adapters.apply_adapter(load_model("tiny-gpt2"), tmp_path / "llama")
+    # A base with the same architecture but other weights is refused too.
+    other = load_model("tiny-llama")
+    with torch.no_grad():
+        other.model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    other.fingerprint = __import__("loracombench.models", fromlist=["fingerprint"]).fingerprint("tiny-llama", other.model)
+    with pytest.raises(adapters.AdapterError, match="was made for base model"):
+        adapters.apply_adapter(other, tmp_path / "llama")
+
+
+def test_unreadable_adapters_are_refused(tmp_path):
+    with pytest.raises(adapters.AdapterError, match="not a PEFT adapter folder"):
+        adapters.read_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(adapters.AdapterError, match="only safetensors"):
+        adapters.read_adapter(tmp_path)
