@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<18}{value:>10.3f}")
     payload = {
         "setup": {"layers": LAYERS, "modules": len(modules), "adapters": 2, "rank": RANK, "lora_alpha": ALPHA,
-                  "shapes": {"q_proj": [HIDDEN, HIDDEN], "v_proj": [KV_OUT, HIDDEN]},
+                  "shapes_out_in": {"q_proj": [HIDDEN, HIDDEN], "v_proj": [KV_OUT, HIDDEN]},
                   "repeats": args.repeats, "statistic": "median", "torch_threads": args.threads,
                   "torch": torch.__version__},
         "seconds": seconds,

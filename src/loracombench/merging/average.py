@@ -3,7 +3,7 @@
 No paper proposes it; it is the naive baseline (PEFT's add_weighted_adapter "linear" is a
 variant). It averages factors, not updates, so it is not the mean of the ΔWᵢ:
 mean(B)·mean(A) = (1/n²)(Σᵢ BᵢAᵢ + Σ_{i≠j} BᵢAⱼ), and the cross terms BᵢAⱼ are interference
-that no adapter learned (see diagnostics.cross_term_ratio).
+that no adapter learned (diagnostics.diagnose reports their size as cross_term_ratio).
 
 Weights: Ā = Σ wᵢAᵢ / Σ wᵢ and B̄ = Σ wᵢBᵢ / Σ wᵢ (normalize=true), or the plain weighted sums
 Σ wᵢAᵢ, Σ wᵢBᵢ (normalize=false), so the product carries each weight twice.

@@ -15,8 +15,8 @@ Default density 0.5 (drop rate 0.5): the paper finds drop rates of 0.9 and more 
 the full fine-tuning deltas of large models; nothing shows the same for the LoRA updates of a
 135M-parameter model, so the default is milder.
 
-Randomness: each module gets its own torch.Generator seeded from (`seed`, CRC-32 of the module
-name), so same-shaped modules do not share masks and a module's masks do not depend on which
+Randomness: each module gets its own torch.Generator seeded with the CRC-32 of "`seed`:module
+name", so same-shaped modules do not share masks and a module's masks do not depend on which
 other modules are merged.
 """
 
@@ -38,7 +38,8 @@ REFERENCE = ("Yu, Yu, Yu, Huang, Li 2024, 'Language Models are Super Mario: Abso
 
 def module_generator(seed: int, module: str) -> torch.Generator:
     generator = torch.Generator()
-    generator.manual_seed((seed << 32) | zlib.crc32(module.encode("utf-8")))
+    # One 32-bit value: the CPU generator (MT19937) ignores the upper half of a 64-bit seed.
+    generator.manual_seed(zlib.crc32(f"{seed}:{module}".encode("utf-8")))
     return generator
 
 

@@ -10,7 +10,7 @@ from loracombench.merging.ops import relative_residual, truncated_svd_factors
 
 def weighted_updates(factors: list[LoraFactors], weights: list[float]) -> torch.Tensor:
     """The stacked dense updates wᵢ·ΔWᵢ, shape (n, out, in)."""
-    return torch.stack([w * f.delta_weight() for f, w in zip(factors, weights)])
+    return torch.stack([(w * f.scale * f.lora_B) @ f.lora_A for f, w in zip(factors, weights)])
 
 
 def output_rank(requested: int, factors: list[LoraFactors]) -> int:

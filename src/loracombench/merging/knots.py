@@ -35,7 +35,7 @@ def shared_basis(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor
     u, s, vh = svd_of_product(torch.cat([f.lora_B for f in folded], dim=1),
                               torch.block_diag(*[f.lora_A for f in folded]))
     keep = s > s[0] * max(vh.shape) * torch.finfo(s.dtype).eps
-    keep[0] = True
+    keep[0] = True  # an all-zero module still gives a (zero) rank-1 adapter rather than rank 0
     u, s, vh = u[:, keep], s[keep], vh[keep]
     in_features = factors[0].lora_A.shape[1]
     coordinates = vh.reshape(len(s), len(factors), in_features).transpose(0, 1)

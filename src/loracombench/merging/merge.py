@@ -85,9 +85,9 @@ def checked_factor(name: str, index: int, factors: LoraFactors) -> LoraFactors:
     lora_A, lora_B = factors.lora_A, factors.lora_B
     if not (isinstance(lora_A, torch.Tensor) and isinstance(lora_B, torch.Tensor)):
         raise MergeError(f"{where}: lora_A and lora_B must be tensors")
-    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
+    if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1] or lora_A.shape[0] == 0:
         raise MergeError(f"{where}: lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} "
-                         "are not (r, in) and (out, r)")
+                         "are not (r, in) and (out, r) with r >= 1")
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all() and math.isfinite(factors.scale)):
         raise MergeError(f"{where}: factors or scale contain NaN or Inf")
     return LoraFactors(lora_A.detach().double(), lora_B.detach().double(), float(factors.scale))

@@ -50,5 +50,4 @@ def _check_finite(value: float) -> str | None:
 
 
 def _check_seed(value: int) -> str | None:
-    # The seed fills the upper half of a 64-bit generator seed; the module name fills the lower.
-    return None if 0 <= value < 2**31 else "must be an integer in [0, 2**31)"
+    return None if value >= 0 else "must be an integer >= 0"

@@ -72,7 +72,10 @@ def parse_params(method: MergeMethod, raw: dict[str, str | int | float | bool]) 
 
 def _resolve(method: MergeMethod, param: Param, raw: dict) -> object:
     value = _coerce(raw[param.name], param.kind) if param.name in raw else param.default
-    problem = "must be a " + param.kind.__name__ if value is None else (param.check and param.check(value))
+    if value is None:
+        problem = f"must be a {param.kind.__name__}"
+    else:
+        problem = param.check(value) if param.check else None
     if problem:
         raise MergeError(f"{method.name}: invalid value {raw.get(param.name)!r} for parameter "
                          f"{param.name!r}: {problem}; {_valid_params_text(method)}")
