@@ -35,8 +35,9 @@ class TrainSettings(Strict):
 class EvalSettings(Strict):
     split: str = "test"
     seed: int = 1234
-    n_eval: dict[str, int] = Field(default_factory=lambda: {"ag_news": 200, "gsm8k": 60})
-    n_generate: int = Field(30, ge=0)
+    # None means the whole split.
+    n_eval: dict[str, int | None] = Field(default_factory=lambda: {"ag_news": 200, "gsm8k": 60})
+    n_generate: int | None = Field(30, ge=0)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1)
     generate_batch_size: int = Field(32, ge=1)
@@ -63,7 +64,7 @@ class ExperimentConfig(Strict):
     device: str = "auto"
     data_dir: str | None = None
     tasks: list[str] = Field(default_factory=lambda: ["ag_news", "gsm8k"])
-    n_train: dict[str, int] = Field(default_factory=lambda: {"ag_news": 400, "gsm8k": 240})
+    n_train: dict[str, int | None] = Field(default_factory=lambda: {"ag_news": 400, "gsm8k": 240})
     data_seed: int = 0
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -88,7 +89,7 @@ class ExperimentConfig(Strict):
             if missing or extra:
                 raise ValueError(f"{field} must give a size for exactly the tasks {self.tasks} "
                                  f"(missing {missing}, extra {extra})")
-            if any(n <= 0 for n in sizes.values()):
+            if any(n is not None and n <= 0 for n in sizes.values()):
                 raise ValueError(f"{field} sizes must be positive: {sizes}")
         from .merging import get_method, parse_params
 

@@ -18,8 +18,8 @@ from .tasks import gsm8k as gsm8k_task
 
 @dataclass
 class EvalConfig:
-    n_eval: int = 200  # examples scored by log-likelihood (AG News choices, GSM8K gold NLL)
-    n_generate: int = 30  # GSM8K problems answered by greedy generation (a prefix of the sample)
+    n_eval: int | None = 200  # examples scored by log-likelihood (AG News choices, GSM8K gold NLL); None: all
+    n_generate: int | None = 30  # GSM8K problems answered by greedy generation (a prefix of the sample); None: all
     max_new_tokens: int = 256
     batch_size: int = 16
     generate_batch_size: int = 32
@@ -151,7 +151,7 @@ def evaluate_generation(model, tokenizer, task: Task, rows, config: EvalConfig, 
     requests = [(encode(tokenizer, task.prompt(r)), encode(tokenizer, task.target(r))) for r in rows]
     logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress)
     nll = [-lp / len(cont) for lp, (_, cont) in zip(logprobs, requests)]
-    generated_rows = rows[: config.n_generate]
+    generated_rows = rows if config.n_generate is None else rows[: config.n_generate]
     outputs = generate(model, tokenizer, [task.prompt(r) for r in generated_rows], config, task.stop_strings, progress)
     predictions = []
     for index, row in enumerate(rows):
