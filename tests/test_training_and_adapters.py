@@ -98,3 +98,38 @@ def test_unreadable_adapters_are_refused(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(adapters.AdapterError, match="only safetensors"):
         adapters.read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_left_padded_target_only_loss_equals_the_plain_loss(name):
+    """The training batch (left padding, logits for the target positions only) computes exactly
+    the mean cross-entropy of the target tokens that one-example-at-a-time full logits give."""
+    from loracombench.training import batch_loss_sum, collate
+
+    loaded = load_model(name)
+    task = get_task("ag_news")
+    rows = [{"text": "a short one", "label": 1}, {"text": "a much longer article " * 5, "label": 3}]
+    examples = [encode_example(loaded.tokenizer, task.prompt(r), task.target(r), 128) for r in rows]
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        fast = batch_loss_sum(loaded.model, batch, torch.device("cpu")).item()
+        plain = 0.0
+        for e in examples:
+            logits = loaded.model(torch.tensor([e.input_ids])).logits[0, :-1]
+            plain += torch.nn.functional.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=IGNORE_INDEX,
+                                                       reduction="sum").item()
+    assert fast == pytest.approx(plain, rel=1e-5)
+    assert batch["logits_to_keep"] < batch["input_ids"].shape[1]  # the vocabulary projection is cut
+
+
+def test_length_grouped_batches_cover_every_example_once():
+    import random
+
+    from loracombench.batching import length_grouped_batches
+
+    lengths = [random.Random(i).randint(5, 90) for i in range(203)]
+    batches = length_grouped_batches(lengths, 8, random.Random(0), group=4)
+    assert sorted(i for b in batches for i in b) == list(range(203))
+    assert batches == length_grouped_batches(lengths, 8, random.Random(0), group=4)
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 40  # random batches of 8 from 5..90 spread about 65

@@ -29,6 +29,7 @@ class TrainSettings(Strict):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(256, ge=8)
     weight_decay: float = Field(0.0, ge=0)
+    group_by_length: bool = True
     seed: int = 0
 
 

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .batching import left_pad
 from .models import autocast
 from .tasks import Task
 from .tasks import gsm8k as gsm8k_task
@@ -32,18 +33,6 @@ def model_device(model) -> torch.device:
 
 
 # ---------------------------------------------------------------- log-likelihood scoring
-
-def _left_padded(sequences: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-    # Positions count real tokens only, so a left-padded row is scored as if it stood alone.
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
-
 
 def _carriers(requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int], list[int]]]:
     """Group requests into as few sequences as possible: (context, continuation, request ids).
@@ -79,7 +68,7 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list
     for start in tqdm(range(0, len(carriers), batch_size), desc=desc, disable=not progress):
         chunk = carriers[start: start + batch_size]
         longest = max(len(cont) for _, cont, _ in chunk)
-        batch = _left_padded([ctx + cont for ctx, cont, _ in chunk], tokenizer.pad_token_id, device)
+        batch = left_pad([ctx + cont for ctx, cont, _ in chunk], tokenizer.pad_token_id, device)
         with autocast(device):
             logits = model(**batch, logits_to_keep=longest + 1).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
@@ -135,7 +124,7 @@ def generate(model, tokenizer, prompts: list[str], config: EvalConfig, stops, pr
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in tqdm(range(0, len(order), config.generate_batch_size), desc="generate", disable=not progress):
         chunk = order[start: start + config.generate_batch_size]
-        batch = _left_padded([encode(tokenizer, prompts[i]) for i in chunk], tokenizer.pad_token_id, device)
+        batch = left_pad([encode(tokenizer, prompts[i]) for i in chunk], tokenizer.pad_token_id, device)
         batch.pop("position_ids")  # generate() derives positions from the attention mask itself
         with autocast(device):
             tokens = model.generate(**batch, do_sample=False, max_new_tokens=config.max_new_tokens,

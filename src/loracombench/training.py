@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -12,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import adapters, io
+from .batching import left_pad, length_grouped_batches
 from .models import LoadedModel, autocast, pick_device, target_modules_for
 from .tasks import Task
 
@@ -32,6 +32,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_length: int = 256
     weight_decay: float = 0.0
+    group_by_length: bool = True
     seed: int = 0
     device: str = "auto"
 
@@ -44,26 +45,38 @@ class Example:
 
 def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> Example | None:
     """Prompt and target tokenised separately (as scoring does), target ends with EOS, the prompt
-    is masked out of the loss; sequences are cut on the right. None when no target token is left."""
+    is masked out of the loss; sequences are cut on the right. None when no target token is left.
+    The first token is never a target: nothing precedes it to predict it from."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + target_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
+    labels[0] = IGNORE_INDEX
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return Example(input_ids, labels)
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Left-padded inputs, plus the labels of the last `keep` positions: every target sits at the
+    end of its row, so the vocabulary projection is needed for those positions only."""
+    inputs = left_pad([e.input_ids for e in batch], pad_id, device)
+    keep = 1 + max(sum(label != IGNORE_INDEX for label in e.labels) for e in batch)
+    keep = min(keep, inputs["input_ids"].shape[1])
+    labels = torch.full((len(batch), keep - 1), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(batch):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        mask[row, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        tail = e.labels[len(e.labels) - (keep - 1):] if keep > 1 else []
+        labels[row, keep - 1 - len(tail):] = torch.tensor(tail, dtype=torch.long)
+    return {**inputs, "labels": labels.to(device), "logits_to_keep": keep}
+
+
+def batch_loss_sum(model, batch: dict, device) -> torch.Tensor:
+    """Summed cross-entropy of the batch's target tokens."""
+    with autocast(device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def lora_config(config: TrainConfig, model_type: str):
@@ -93,40 +106,28 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     model = get_peft_model(loaded.model, lora_config(config, loaded.model.config.model_type)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(kept) / (config.batch_size * config.grad_accum))
-    total_steps = steps_per_epoch * config.epochs
+    steps = plan_steps(kept, config)
     # Linear decay to zero without warm-up, as transformers' Trainer does by default.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(steps))
     curve, started = [], time.time()
-    order_rng = random.Random(config.seed)
-    bar = tqdm(total=total_steps, desc=f"train {task.name}", disable=not progress)
+    bar = tqdm(total=len(steps), desc=f"train {task.name}", disable=not progress)
     model.train()
-    for epoch in range(config.epochs):
-        order = list(range(len(kept)))
-        order_rng.shuffle(order)
-        chunks = [order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        for start in range(0, len(chunks), config.grad_accum):
-            group = chunks[start: start + config.grad_accum]
-            n_target = sum(sum(label != IGNORE_INDEX for label in kept[i].labels[1:]) for c in group for i in c)
-            loss_sum = 0.0
-            for chunk in group:
-                batch = {k: v.to(device) for k, v in collate([kept[i] for i in chunk], tokenizer.pad_token_id).items()}
-                with autocast(device):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                # Sum over target tokens, divided by the whole update's token count, so that
-                # gradient accumulation gives the same step as one large batch.
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                    ignore_index=IGNORE_INDEX, reduction="sum") / n_target
-                loss.backward()
-                loss_sum += loss.item()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            curve.append({"step": len(curve) + 1, "epoch": epoch + 1, "loss": loss_sum,
-                          "lr": schedule.get_last_lr()[0]})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}")
+    for epoch, step in steps:
+        n_target = sum(sum(label != IGNORE_INDEX for label in kept[i].labels) for chunk in step for i in chunk)
+        loss_sum = 0.0
+        for chunk in step:
+            batch = collate([kept[i] for i in chunk], tokenizer.pad_token_id, device)
+            # Divided by the whole update's token count, so that gradient accumulation
+            # gives the same step as one large batch.
+            loss = batch_loss_sum(model, batch, device) / n_target
+            loss.backward()
+            loss_sum += loss.item()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum, "lr": schedule.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}")
     bar.close()
     model.eval()
     elapsed = time.time() - started
@@ -142,6 +143,20 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
         "loss_curve.png": lambda path: plot_loss_curve(curve, task.name, path),
     })
     return metadata
+
+
+def plan_steps(kept: list[Example], config: TrainConfig) -> list[tuple[int, list[list[int]]]]:
+    """Every optimizer step of the run, as (epoch, micro-batches of example indices), seeded."""
+    rng = random.Random(config.seed)
+    steps = []
+    for epoch in range(1, config.epochs + 1):
+        if config.group_by_length:
+            batches = length_grouped_batches([len(e.input_ids) for e in kept], config.batch_size, rng)
+        else:
+            order = rng.sample(range(len(kept)), len(kept))
+            batches = [order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        steps += [(epoch, batches[i: i + config.grad_accum]) for i in range(0, len(batches), config.grad_accum)]
+    return steps
 
 
 def plot_loss_curve(curve: list[dict], title: str, path: Path) -> None:
