@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
+from conftest import MIRROR, needs_mirror
 
 from loracombench import baselines, metrics
 from loracombench.cli_analysis import add_parsers
 from loracombench.data import DataError, load_sample, load_split
 
-MIRROR = Path(os.environ.get("LORACOMBENCH_DATA_DIR")
-              or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 TOPIC_WORDS = {0: "election minister war", 1: "goal match season", 2: "stocks profit market",
                3: "software internet chip"}
@@ -147,8 +145,7 @@ def test_baseline_command_with_a_missing_split_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.skipif(not (MIRROR / "ag_news" / "train.jsonl").is_file(),
-                    reason=f"data mirror not found at {MIRROR}")
+@needs_mirror
 def test_tfidf_logreg_beats_chance_and_majority_on_real_ag_news(fast_bootstrap):
     train = load_split("ag_news", "train", MIRROR)
     test = load_sample("ag_news", "test", 1000, seed=0, data_dir=MIRROR)

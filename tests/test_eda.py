@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import types
 from pathlib import Path
 
 import pytest
+from conftest import MIRROR, needs_mirror
 
 from loracombench import eda
 from loracombench.cli_analysis import add_parsers
 from loracombench.data import DataError
 
-MIRROR = Path(os.environ.get("LORACOMBENCH_DATA_DIR")
-              or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def words(n: int) -> str:
@@ -226,8 +224,7 @@ def test_eda_command_with_a_missing_split_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.skipif(not (MIRROR / "gsm8k" / "train.jsonl").is_file(),
-                    reason=f"data mirror not found at {MIRROR}")
+@needs_mirror
 def test_gsm8k_train_correlation_on_the_mirror_matches_its_readme():
     from loracombench.data import load_split
 

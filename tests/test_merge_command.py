@@ -103,3 +103,27 @@ def test_plain_peft_adapters_without_metadata_are_accepted(tmp_path):
     assert main(["merge", "--method", "task_arithmetic", "--adapters", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
     config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 8  # ranks concatenate, scale folded into B
+
+
+def test_different_target_modules_union_or_refusal(tmp_path, capsys):
+    q_only = make_adapter(tmp_path / "q", 1, targets=("q_proj",))
+    v_only = make_adapter(tmp_path / "v", 2, targets=("v_proj",))
+    assert main(["merge", "--method", "average", "--adapters", str(q_only), str(v_only), "--out", str(tmp_path / "a")]) == 2
+    assert "missing from adapter" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(["merge", "--method", "task_arithmetic", "--adapters", str(q_only), str(v_only),
+                 "--out", str(tmp_path / "u")]) == 0
+    union = adapters.read_adapter(tmp_path / "u")
+    q, v = adapters.read_adapter(q_only), adapters.read_adapter(v_only)
+    assert set(union.factors) == set(q.factors) | set(v.factors)
+    for module, factors in q.factors.items():
+        torch.testing.assert_close(union.factors[module].delta_weight(), factors.delta_weight())
+
+
+def test_diagnose_writes_json_and_plot(tmp_path, two_adapters):
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--adapters", *map(str, two_adapters), "--out", str(out)]) == 0
+    result = json.loads((out / "diagnostics.json").read_text())
+    assert result["adapters"] == [str(p) for p in two_adapters]
+    assert -1 <= result["overall"]["cosine"]["0-1"] <= 1 and 0 <= result["overall"]["sign_conflict"]["0-1"] <= 1
+    assert (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["diagnose", "--adapters", str(two_adapters[0]), "--out", str(tmp_path / "one")]) == 2

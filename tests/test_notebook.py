@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import MIRROR, needs_mirror
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "eda.ipynb"
-MIRROR = Path(os.environ.get("LORACOMBENCH_DATA_DIR") or ROOT.parent / "shared" / "data")
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "eda.ipynb"
 
 
 def test_notebook_is_committed_without_outputs():
@@ -21,9 +19,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
-@pytest.mark.skipif(not (MIRROR / "ag_news" / "test.jsonl").is_file()
-                    or not (MIRROR / "gsm8k" / "train.jsonl").is_file(),
-                    reason=f"data mirror not found at {MIRROR} (set LORACOMBENCH_DATA_DIR)")
+@needs_mirror
 def test_notebook_executes(monkeypatch):
     import nbformat
     from nbclient import NotebookClient
