@@ -95,7 +95,7 @@ def test_run_baselines_writes_result_files(tmp_path):
 
 def test_bad_rows_are_rejected_before_writing(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(DataError, match="no evaluation rows"):
+    with pytest.raises(DataError, match="evaluation: no rows"):
         baselines.run_baselines("ag_news", AG_TRAIN, [], out)
     with pytest.raises(DataError, match="missing field 'label'"):
         baselines.run_baselines("ag_news", [{"text": "x"}], AG_TEST, out)

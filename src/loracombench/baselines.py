@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .data import DataError
+from .data import DataError, check_rows
 from .tasks import Task, get_task
 from .tasks.gsm8k import gold_answer, same_number
 
@@ -49,12 +49,7 @@ CONFIGS: dict[str, dict] = {
 
 
 def _check_rows(task: Task, rows: list[dict], what: str) -> None:
-    if not rows:
-        raise DataError(f"{task.name}: no {what} rows")
-    for index, row in enumerate(rows):
-        problem = task.check_row(row) if isinstance(row, dict) else "a row must be a dict"
-        if problem:
-            raise DataError(f"{task.name} {what} row {index}: {problem}")
+    check_rows(task, rows, f"{task.name} {what}")
 
 
 # --------------------------------------------------------------------------- AG News

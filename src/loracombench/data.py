@@ -57,6 +57,16 @@ def read_jsonl_rows(path: Path, task: Task) -> list[dict]:
     return rows
 
 
+def check_rows(task: Task, rows: list, where: str) -> None:
+    """Validate rows already in memory (hub data, rows passed to the library): no I/O."""
+    if not rows:
+        raise DataError(f"{where}: no rows (the split is empty)")
+    for index, row in enumerate(rows):
+        problem = task.check_row(row) if isinstance(row, dict) else "a row must be a JSON object"
+        if problem:
+            raise DataError(f"{where} row {index}: {problem}")
+
+
 def hub_rows(task: Task, split: str) -> list[dict]:
     import datasets
 
@@ -71,13 +81,9 @@ def hub_rows(task: Task, split: str) -> list[dict]:
             f"could not load {task.hub_path} from the Hugging Face hub ({type(err).__name__}: {err}). "
             f"Offline, point --data-dir or ${DATA_DIR_ENV} at a local mirror."
         ) from err
-    rows = []
-    for index, row in enumerate(dataset):
-        problem = task.check_row(row)
-        if problem:
-            raise DataError(f"{task.hub_path} [{split}] row {index}: {problem}")
-        rows.append({field: row[field] for field in task.fields})
-    return rows
+    rows = list(dataset)
+    check_rows(task, rows, f"{task.hub_path} [{split}]")
+    return [{field: row[field] for field in task.fields} for row in rows]
 
 
 def load_split(task: Task | str, split: str, data_dir: str | Path | None = None) -> list[dict]:

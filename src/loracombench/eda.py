@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .data import DataError, load_split, resolve_data_dir
+from .data import DataError, check_rows, load_split, resolve_data_dir
 from .tasks import Task, get_task
 
 SCHEMA = "loracombench.eda/1"
@@ -115,12 +115,7 @@ def check_splits(task: Task, splits: dict[str, list[dict]]) -> None:
         raise DataError(f"{task.name}: EDA needs the split(s) {', '.join(missing)} "
                         f"(got: {', '.join(splits) or 'none'})")
     for name, rows in splits.items():
-        if not rows:
-            raise DataError(f"{task.name}: the {name!r} split is empty")
-        for index, row in enumerate(rows):
-            problem = task.check_row(row) if isinstance(row, dict) else "a row must be a dict"
-            if problem:
-                raise DataError(f"{task.name} [{name}] row {index}: {problem}")
+        check_rows(task, rows, f"{task.name} [{name}]")
 
 
 # --------------------------------------------------------------------------- AG News
