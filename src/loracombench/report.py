@@ -63,11 +63,14 @@ def markdown_table(records: list[dict]) -> str:
     for label in model_order(records):
         cells = [_cell(index.get((label, task), {}).get(metric)) for task, metric, _, _ in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    n = {r["task"]: (r["n"], r["metrics"].get("exact_match_flexible", {}).get("n")) for r in records}
-    notes = [f"Brackets: 95% intervals (Wilson for accuracies, bootstrap for F1 and NLL). "
-             f"Chance: AG News 0.25, GSM8K 0."]
-    for task, (count, generated) in sorted(n.items()):
-        notes.append(f"{task}: {count} test examples" + (f", {generated} of them generated" if generated else ""))
+    notes = ["Brackets: 95% intervals (Wilson for accuracies, bootstrap for F1 and NLL)."]
+    for task in sorted(tasks):
+        of_task = [r for r in records if r["task"] == task]
+        record = next((r for r in of_task if r["model"].get("kind") != "baseline"), of_task[0])
+        generated = record["metrics"].get("exact_match_flexible", {}).get("n")
+        notes.append(f"{task}: {record['n']} {record['split']} examples"
+                     + (f", the first {generated} answered by generation" if generated else "")
+                     + f"; chance {record['chance']:.2f}")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
 
 
