@@ -47,6 +47,19 @@ def test_run_resumes_from_finished_cells_and_reports(tmp_path, small_mirror, cap
     assert "eval base on gsm8k: exact_match_flexible" in second
     assert (out / "eval" / "merge_average" / "ag_news" / "metrics.json").stat().st_mtime_ns == stamp
 
+    # An expert whose weights changed (same settings) invalidates everything built on it.
+    from loracombench import adapters
+    from loracombench.merging.factors import LoraFactors
+
+    expert = adapters.read_adapter(out / "adapters" / "ag_news")
+    doubled = {m: LoraFactors(f.lora_A, 2 * f.lora_B, f.scale) for m, f in expert.factors.items()}
+    adapters.write_factors(out / "adapters" / "ag_news", doubled, expert.config,
+                           {k: v for k, v in expert.metadata.items() if k != "schema"})
+    assert main(argv) == 0
+    third = capsys.readouterr().out
+    assert "merge average: done" in third and "train ag_news: cached" in third
+    assert third.count("cached") == 2 + 4  # both adapters' training, base and gsm8k expert evaluations
+
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):

@@ -17,18 +17,20 @@ AG_ROWS = [{"text": f"{w} story {i}", "label": y}
            for i in range(3) for y, w in enumerate(["war", "goal", "stocks", "chip"])]
 
 
-def test_prompt_is_masked_and_target_ends_with_eos(tiny_gpt2):
+@pytest.mark.parametrize("task_name, eos", [("gsm8k", True), ("ag_news", False)])
+def test_prompt_is_masked_and_only_generated_targets_end_with_eos(tiny_gpt2, task_name, eos):
     tok = tiny_gpt2.tokenizer
-    task = get_task("ag_news")
-    row = AG_ROWS[0]
-    example = encode_example(tok, task.prompt(row), task.target(row), max_length=512)
+    task = get_task(task_name)
+    row = {"question": "What is 2 plus 2?", "answer": "2+2=4\n#### 4"} if eos else AG_ROWS[0]
+    assert task.target_ends_with_eos is eos
+    example = encode_example(tok, task.prompt(row), task.target(row), 512, task.target_ends_with_eos)
     prompt_len = len(tok(task.prompt(row), add_special_tokens=False)["input_ids"])
-    target_ids = tok(" World", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    target_ids = tok(task.target(row), add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
     assert example.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert example.labels[prompt_len:] == target_ids
     assert example.input_ids[prompt_len:] == target_ids
     # Cut on the right; an example left with no target token is dropped.
-    assert len(encode_example(tok, task.prompt(row), task.target(row), max_length=prompt_len + 1).input_ids) == prompt_len + 1
+    assert len(encode_example(tok, task.prompt(row), task.target(row), prompt_len + 1).input_ids) == prompt_len + 1
     assert encode_example(tok, task.prompt(row), task.target(row), max_length=prompt_len) is None
 
 

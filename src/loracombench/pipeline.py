@@ -7,6 +7,7 @@ resumes where it stopped and a changed setting recomputes only what it affects.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,30 +63,35 @@ class Experiment:
                            "data_seed": self.config.data_seed, "data": self.data_source,
                            "train": settings.model_dump()})
         folder = self.out / "adapters" / task
-        entry = ModelEntry(f"expert_{task}", f"{task} expert", "expert", folder, key)
         if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
             log(f"train {task}: cached in {folder}")
-            return entry
+            return self._adapter_entry(f"expert_{task}", f"{task} expert", "expert", folder, key)
         log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
         train_config = TrainConfig(**settings.model_dump(), device=self.config.device)
         rows = self.train_rows(task)
         meta = train_adapter(self.base(), get_task(task), rows, train_config, folder, progress=self.progress,
                              extra_metadata={"cell_key": key, "data": self.data_source})
         log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
-        return entry
+        return self._adapter_entry(f"expert_{task}", f"{task} expert", "expert", folder, key)
 
     def merge_cell(self, spec, experts: list[ModelEntry]) -> ModelEntry:
         key = stable_hash({"merge": spec.model_dump(), "sources": [e.key for e in experts]})
         folder = self.out / "merges" / spec.name
-        entry = ModelEntry(f"merge_{spec.name}", f"merge: {spec.name}", "merge", folder, key)
         if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
             log(f"merge {spec.name}: cached")
-            return entry
+            return self._adapter_entry(f"merge_{spec.name}", f"merge: {spec.name}", "merge", folder, key)
         started = time.time()
         adapters.merge_adapter_dirs([e.adapter for e in experts], spec.method, folder, spec.weights,
                                     spec.params, extra_metadata={"cell_key": key, "label": spec.name})
         log(f"merge {spec.name}: done in {time.time() - started:.1f} s")
-        return entry
+        return self._adapter_entry(f"merge_{spec.name}", f"merge: {spec.name}", "merge", folder, key)
+
+    @staticmethod
+    def _adapter_entry(slug: str, label: str, kind: str, folder: Path, cell_key: str) -> ModelEntry:
+        """Downstream cells key on the adapter's actual weights as well as on its settings, so a
+        retrained or re-merged adapter invalidates every merge and evaluation built on it."""
+        weights = hashlib.sha256((folder / adapters.WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
+        return ModelEntry(slug, label, kind, folder, stable_hash({"cell": cell_key, "weights": weights}))
 
     def eval_config(self, task: str) -> EvalConfig:
         settings = self.config.eval

@@ -43,12 +43,12 @@ class Example:
     labels: list[int]
 
 
-def encode_example(tokenizer, prompt: str, target: str, max_length: int) -> Example | None:
-    """Prompt and target tokenised separately (as scoring does), target ends with EOS, the prompt
-    is masked out of the loss; sequences are cut on the right. None when no target token is left.
-    The first token is never a target: nothing precedes it to predict it from."""
+def encode_example(tokenizer, prompt: str, target: str, max_length: int, eos: bool = True) -> Example | None:
+    """Prompt and target tokenised separately (as scoring does), the target followed by EOS if
+    asked, the prompt masked out of the loss; sequences are cut on the right. None when no target
+    token is left. The first token is never a target: nothing precedes it to predict it from."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
     input_ids = (prompt_ids + target_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
     labels[0] = IGNORE_INDEX
@@ -96,7 +96,8 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     from peft import get_peft_model
 
     tokenizer = loaded.tokenizer
-    examples = [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length) for r in rows]
+    examples = [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length, task.target_ends_with_eos)
+                for r in rows]
     kept = [e for e in examples if e is not None]
     if not kept:
         raise ValueError(f"no training example of {task.name} fits max_length={config.max_length}")

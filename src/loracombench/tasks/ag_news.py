@@ -1,8 +1,8 @@
 """AG News topic classification (Zhang, Zhao & LeCun 2015), scored as multiple choice.
 
 The model reads the article and we compare the log-likelihood of the four topic names as
-continuations, as lm-eval-harness scores multiple-choice tasks. The adapter is trained to emit
-the topic name after the prompt.
+continuations, as lm-eval-harness scores multiple-choice tasks. The adapter is trained on the
+topic name as the continuation of the prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ class AgNews(Task):
     primary_metric = "accuracy"
     chance = 1 / len(LABELS)
     labels = LABELS
+    # The label is scored as a continuation, never generated: an EOS after it would only spend
+    # the small training budget on a token the evaluation never reads.
+    target_ends_with_eos = False
 
     def prompt(self, row: dict) -> str:
         return (

@@ -21,6 +21,8 @@ class Task(ABC):
     kind: ClassVar[str]
     primary_metric: ClassVar[str]
     chance: ClassVar[float]
+    # Generated targets must teach the model to stop; a scored continuation needs no EOS.
+    target_ends_with_eos: ClassVar[bool] = True
 
     @abstractmethod
     def prompt(self, row: dict) -> str:
