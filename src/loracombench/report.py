@@ -108,7 +108,7 @@ def plot(records: list[dict], path: Path) -> None:
             ax.axvline(chance, color="black", linestyle=":", linewidth=1, label="chance")
             ax.legend(loc="lower right", fontsize=8)
         ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [""] * len(labels))
-        ax.invert_yaxis()
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # the same rows in every panel, first model on top
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("LoRA composition: every model on every task (95% intervals)")
