@@ -21,6 +21,22 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def write_mirror(root: Path, splits: dict[str, dict[str, list]]) -> Path:
+    """A mirror folder from {task: {split: rows}}."""
+    for task, by_split in splits.items():
+        for split, rows in by_split.items():
+            write_jsonl(root / task / f"{split}.jsonl", rows)
+    return root
+
+
+def run_subcommand(argv: list[str]) -> int:
+    """Run a `loracombench` subcommand through the real parser, letting its errors propagate."""
+    from loracombench.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
 @pytest.fixture
 def small_mirror(tmp_path) -> Path:
     """A hand-made mirror: 4 balanced AG News classes, a few GSM8K problems."""

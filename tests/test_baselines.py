@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from pathlib import Path
 
 import pytest
-from conftest import MIRROR, needs_mirror
+from conftest import MIRROR, needs_mirror, run_subcommand as run_cli
+from conftest import write_mirror as write_splits
 
 from loracombench import baselines, metrics
-from loracombench.cli_analysis import add_parsers
 from loracombench.data import DataError, load_sample, load_split
 
 
@@ -105,19 +104,8 @@ def test_bad_rows_are_rejected_before_writing(tmp_path):
 
 
 def write_mirror(root: Path) -> Path:
-    for task, splits in {"ag_news": {"train": AG_TRAIN, "test": AG_TEST},
-                         "gsm8k": {"train": GSM_TRAIN, "test": GSM_TEST}}.items():
-        (root / task).mkdir(parents=True, exist_ok=True)
-        for split, rows in splits.items():
-            (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loracombench")
-    add_parsers(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return write_splits(root, {"ag_news": {"train": AG_TRAIN, "test": AG_TEST},
+                                "gsm8k": {"train": GSM_TRAIN, "test": GSM_TEST}})
 
 
 def test_baseline_command_writes_one_result_per_baseline(tmp_path, capsys, fast_bootstrap):

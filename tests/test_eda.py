@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import types
 from pathlib import Path
 
 import pytest
-from conftest import MIRROR, needs_mirror
+from conftest import MIRROR, needs_mirror, run_subcommand as run_cli
+from conftest import write_mirror as write_splits
 
 from loracombench import eda
-from loracombench.cli_analysis import add_parsers
 from loracombench.data import DataError
 
 
@@ -166,19 +165,8 @@ def test_bad_splits_raise_before_any_output(tmp_path):
 
 
 def write_mirror(root: Path) -> Path:
-    for task, splits in {"ag_news": {"train": AG_TRAIN, "validation": AG_TEST, "test": AG_TEST},
-                         "gsm8k": {"train": GSM_TRAIN, "test": GSM_TRAIN}}.items():
-        (root / task).mkdir(parents=True, exist_ok=True)
-        for split, rows in splits.items():
-            (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="loracombench")
-    add_parsers(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return write_splits(root, {"ag_news": {"train": AG_TRAIN, "validation": AG_TEST, "test": AG_TEST},
+                                "gsm8k": {"train": GSM_TRAIN, "test": GSM_TRAIN}})
 
 
 def test_eda_command_writes_stats_and_plots(tmp_path, capsys):
