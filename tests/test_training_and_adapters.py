@@ -11,7 +11,8 @@ from peft import PeftModel
 from loracombench import adapters
 from loracombench.models import load_model
 from loracombench.tasks import get_task
-from loracombench.training import IGNORE_INDEX, TrainConfig, encode_example, train_adapter
+from loracombench.config import TrainSettings
+from loracombench.training import IGNORE_INDEX, encode_example, train_adapter
 
 AG_ROWS = [{"text": f"{w} story {i}", "label": y}
            for i in range(3) for y, w in enumerate(["war", "goal", "stocks", "chip"])]
@@ -36,7 +37,7 @@ def test_prompt_is_masked_and_only_generated_targets_end_with_eos(tiny_gpt2, tas
 
 def _train(name, out, **overrides):
     loaded = load_model(name)
-    config = TrainConfig(epochs=1, batch_size=4, max_length=64, learning_rate=5e-3, **overrides)
+    config = TrainSettings(epochs=1, batch_size=4, max_length=64, learning_rate=5e-3, **overrides)
     meta = train_adapter(loaded, get_task("ag_news"), AG_ROWS, config, out, progress=False)
     return loaded, meta
 

@@ -77,7 +77,8 @@ def module_scale(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def read_adapter(path: str | Path) -> Adapter:
+def read_config(path: str | Path) -> dict:
+    """The adapter's config, after checking the folder holds a LoRA adapter in safetensors."""
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise AdapterError(f"{path} is not a PEFT adapter folder ({CONFIG_FILE} missing)")
@@ -88,6 +89,12 @@ def read_adapter(path: str | Path) -> Adapter:
         raise AdapterError(f"{path}: a {config.get('peft_type')} adapter, not LoRA")
     if config.get("use_dora"):
         raise AdapterError(f"{path}: DoRA adapters carry a magnitude vector and cannot be merged as LoRA factors")
+    return config
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    path = Path(path)
+    config = read_config(path)
     tensors = load_file(path / WEIGHTS_FILE)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -133,8 +140,7 @@ def check_adapter_base(path: str | Path, loaded) -> None:
                 f"{recorded['weight_checksum']}), not {loaded.name} ({loaded.fingerprint['config_hash']}/"
                 f"{loaded.fingerprint['weight_checksum']})")
         return
-    config = json.loads((Path(path) / CONFIG_FILE).read_text())
-    named = config.get("base_model_name_or_path")
+    named = read_config(path).get("base_model_name_or_path")
     if named not in (loaded.name, loaded.path):
         raise AdapterError(f"{path} names base model {named!r}, not {loaded.name!r}")
 
@@ -171,8 +177,8 @@ def apply_adapter(loaded, path: str | Path):
     """Wrap a loaded base model with a saved adapter, after checking they belong together."""
     from peft import PeftModel
 
+    read_config(path)  # a LoRA adapter in safetensors, before PEFT reads anything
     check_adapter_base(path, loaded)
-    read_adapter(path)  # validates the folder (safetensors present, LoRA only) before PEFT reads it
     return PeftModel.from_pretrained(loaded.model, str(path), is_trainable=False)
 
 

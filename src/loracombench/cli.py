@@ -44,20 +44,21 @@ def cmd_data(args) -> int:
 # ---------------------------------------------------------------- train, eval
 
 def cmd_train(args) -> int:
+    from .config import TrainSettings
     from .data import load_sample
     from .models import load_model
     from .tasks import get_task
-    from .training import TrainConfig, train_adapter
+    from .training import train_adapter
 
     task = get_task(args.task)
     rows = load_sample(task, "train", args.n_train, args.data_seed, args.data_dir)
-    config = TrainConfig(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                         target_modules=args.target_modules, learning_rate=args.lr, epochs=args.epochs,
-                         batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-                         seed=args.seed, device=args.device)
+    config = TrainSettings(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                           target_modules=args.target_modules, learning_rate=args.lr, epochs=args.epochs,
+                           batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+                           seed=args.seed)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     out = args.out or Path("models") / task.name
-    meta = train_adapter(loaded, task, rows, config, out,
+    meta = train_adapter(loaded, task, rows, config, out, args.device,
                          extra_metadata={"data_seed": args.data_seed, "data": str(args.data_dir or "default")})
     print(f"saved adapter to {out} (final loss {meta['final_loss']:.4f}, {meta['train_time_s']:.0f} s)")
     return 0
@@ -188,7 +189,7 @@ def _add_data_arg(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .cli_analysis import add_parsers as add_analysis_parsers
     from .evaluation import EvalConfig
-    from .training import TrainConfig
+    from .config import TrainSettings
 
     parser = argparse.ArgumentParser(prog="loracombench", description=__doc__)
     parser.add_argument("--version", action="version", version=f"loracombench {__version__}")
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.set_defaults(func=cmd_data)
 
-    t = TrainConfig()
+    t = TrainSettings()
     p = sub.add_parser("train", help="train one LoRA adapter on one task")
     p.add_argument("--task", required=True, help="ag_news or gsm8k")
     _add_model_args(p)

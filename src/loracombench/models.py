@@ -254,14 +254,16 @@ def load_model(name: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> Lo
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, fingerprint=print_, path=path)
 
 
-def load_tokenizer(name: str = DEFAULT_MODEL):
-    if name in ("tiny-gpt2", "tiny-llama"):
+def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The base model's tokenizer without loading its weights."""
+    from transformers import AutoTokenizer
+
+    if MODELS.get(name) and MODELS[name].source == "code":
         return tiny_tokenizer()
     if name == DEFAULT_MODEL:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(embedded_checkpoint())
-    return load_model(name).tokenizer
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code,
+                                         local_files_only=Path(name).exists() or not hub_reachable())
 
 
 def describe() -> list[dict]:

@@ -16,9 +16,9 @@ from . import adapters, io, metrics
 from .config import ExperimentConfig, stable_hash
 from .data import load_sample, resolve_data_dir
 from .evaluation import EvalConfig, evaluate
-from .models import load_model
+from .models import load_model, pick_device
 from .tasks import get_task
-from .training import TrainConfig, train_adapter
+from .training import train_adapter
 
 
 @dataclass
@@ -67,9 +67,8 @@ class Experiment:
             log(f"train {task}: cached in {folder}")
             return self._adapter_entry(f"expert_{task}", f"{task} expert", "expert", folder, key)
         log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
-        train_config = TrainConfig(**settings.model_dump(), device=self.config.device)
         rows = self.train_rows(task)
-        meta = train_adapter(self.base(), get_task(task), rows, train_config, folder, progress=self.progress,
+        meta = train_adapter(self.base(), get_task(task), rows, settings, folder, self.config.device, progress=self.progress,
                              extra_metadata={"cell_key": key, "data": self.data_source})
         log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
         return self._adapter_entry(f"expert_{task}", f"{task} expert", "expert", folder, key)
@@ -115,8 +114,6 @@ class Experiment:
             rows_cache[task] = self.eval_rows(task)
         info = {"label": entry.label, "kind": entry.kind, "slug": entry.slug, "base_model": fingerprint,
                 "adapter": str(entry.adapter) if entry.adapter else None, "cell_key": key}
-        from .models import pick_device
-
         model.to(pick_device(self.config.device))
         record = evaluate(model, loaded.tokenizer, get_task(task), rows_cache[task], eval_config, info,
                           out_dir=folder, progress=self.progress)

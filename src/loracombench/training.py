@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,29 +12,11 @@ from tqdm.auto import tqdm
 
 from . import adapters, io
 from .batching import left_pad, length_grouped_batches
+from .config import TrainSettings
 from .models import LoadedModel, autocast, pick_device, target_modules_for
 from .tasks import Task
 
 IGNORE_INDEX = -100
-
-
-@dataclass
-class TrainConfig:
-    """The original project's defaults: r=16, lr 2e-4, 3 epochs."""
-
-    r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.05
-    target_modules: list[str] | None = None  # None: chosen per architecture (models.TARGET_MODULES)
-    learning_rate: float = 2e-4
-    epochs: int = 3
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    weight_decay: float = 0.0
-    group_by_length: bool = True
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass
@@ -79,7 +61,7 @@ def batch_loss_sum(model, batch: dict, device) -> torch.Tensor:
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def lora_config(config: TrainConfig, model_type: str):
+def lora_config(config: TrainSettings, model_type: str):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -90,7 +72,8 @@ def lora_config(config: TrainConfig, model_type: str):
     )
 
 
-def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: TrainConfig, out_dir: str | Path,
+def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: TrainSettings, out_dir: str | Path,
+                  device: str = "auto",
                   progress: bool = True, extra_metadata: dict | None = None) -> dict:
     """Train one LoRA adapter and save it (PEFT format + metadata + loss curve) to out_dir."""
     from peft import get_peft_model
@@ -103,7 +86,7 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
         raise ValueError(f"no training example of {task.name} fits max_length={config.max_length}")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    device = pick_device(device)
     model = get_peft_model(loaded.model, lora_config(config, loaded.model.config.model_type)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -134,7 +117,7 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     elapsed = time.time() - started
     metadata = {
         "kind": "trained", "task": task.name, "base_model": loaded.fingerprint,
-        "config": asdict(config), "seed": config.seed, "n_train": len(rows),
+        "config": config.model_dump(), "seed": config.seed, "n_train": len(rows),
         "n_used": len(kept), "train_time_s": round(elapsed, 2), "steps": len(curve),
         "final_loss": curve[-1]["loss"], "device": str(device), **(extra_metadata or {}),
     }
@@ -146,7 +129,7 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     return metadata
 
 
-def plan_steps(kept: list[Example], config: TrainConfig) -> list[tuple[int, list[list[int]]]]:
+def plan_steps(kept: list[Example], config: TrainSettings) -> list[tuple[int, list[list[int]]]]:
     """Every optimizer step of the run, as (epoch, micro-batches of example indices), seeded."""
     rng = random.Random(config.seed)
     steps = []
