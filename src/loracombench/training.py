@@ -118,7 +118,8 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     metadata = {
         "kind": "trained", "task": task.name, "base_model": loaded.fingerprint,
         "config": config.model_dump(), "seed": config.seed, "n_train": len(rows),
-        "n_used": len(kept), "train_time_s": round(elapsed, 2), "steps": len(curve),
+        "n_used": len(kept), "n_truncated": sum(len(e.input_ids) == config.max_length for e in kept),
+        "train_time_s": round(elapsed, 2), "steps": len(curve),
         "final_loss": curve[-1]["loss"], "device": str(device), **(extra_metadata or {}),
     }
     model.peft_config["default"].base_model_name_or_path = loaded.path
