@@ -65,12 +65,12 @@ class Experiment:
         folder = self.out / "adapters" / task
         if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
             log(f"train {task}: cached in {folder}")
-            return self._adapter_entry(f"expert_{task}", f"{task} expert", "expert", folder, key)
-        log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
-        rows = self.train_rows(task)
-        meta = train_adapter(self.base(), get_task(task), rows, settings, folder, self.config.device, progress=self.progress,
-                             extra_metadata={"cell_key": key, "data": self.data_source})
-        log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
+        else:
+            log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
+            meta = train_adapter(self.base(), get_task(task), self.train_rows(task), settings, folder,
+                                 self.config.device, progress=self.progress,
+                                 extra_metadata={"cell_key": key, "data": self.data_source})
+            log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
         return self._adapter_entry(f"expert_{task}", f"{task} expert", "expert", folder, key)
 
     def merge_cell(self, spec, experts: list[ModelEntry]) -> ModelEntry:
@@ -78,11 +78,11 @@ class Experiment:
         folder = self.out / "merges" / spec.name
         if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
             log(f"merge {spec.name}: cached")
-            return self._adapter_entry(f"merge_{spec.name}", f"merge: {spec.name}", "merge", folder, key)
-        started = time.time()
-        adapters.merge_adapter_dirs([e.adapter for e in experts], spec.method, folder, spec.weights,
-                                    spec.params, extra_metadata={"cell_key": key, "label": spec.name})
-        log(f"merge {spec.name}: done in {time.time() - started:.1f} s")
+        else:
+            started = time.time()
+            adapters.merge_adapter_dirs([e.adapter for e in experts], spec.method, folder, spec.weights,
+                                        spec.params, extra_metadata={"cell_key": key, "label": spec.name})
+            log(f"merge {spec.name}: done in {time.time() - started:.1f} s")
         return self._adapter_entry(f"merge_{spec.name}", f"merge: {spec.name}", "merge", folder, key)
 
     @staticmethod
