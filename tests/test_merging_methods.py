@@ -189,12 +189,35 @@ def test_ties_applies_weights_before_the_sign_election():
     torch.testing.assert_close(actual, torch.tensor([[-2.5, 4.0, 0.0, -3.0]]))
 
 
-def test_ties_records_the_refactorisation_rank_and_error():
+def test_dense_merges_are_exact_by_default():
+    # The merged update of TIES, DARE and pruning is full rank: stored without loss by default.
     adapters = [factors(2, 9, 8, seed=27), factors(2, 9, 8, seed=28)]
-    _, info = merge_modules("ties", {"m": adapters})
+    for method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        merged, info = merge_modules(method, {"m": adapters})
+        assert info["output_ranks"]["m"] == 8 == min(9, 8)
+        assert info["max_relative_error"] == 0.0
+        assert torch.linalg.matrix_rank(merged["m"].delta_weight()) > 4  # beyond Σ rᵢ: not a projection
+
+
+def test_exact_factors_reproduce_the_dense_update_bit_for_bit():
+    from loracombench.merging.dense import exact_factors
+
+    for shape in ((3, 7), (7, 3), (5, 5)):
+        delta = torch.randn(*shape, dtype=torch.float64)
+        stored = exact_factors(delta)
+        assert stored.rank == min(shape)
+        assert torch.equal(stored.delta_weight(), delta)
+
+
+def test_ties_at_a_chosen_rank_records_the_truncation_error():
+    adapters = [factors(2, 9, 8, seed=27), factors(2, 9, 8, seed=28)]
+    merged, info = merge_modules("ties", {"m": adapters}, params={"rank": 4})
+    exact, _ = merge_modules("ties", {"m": adapters})
     assert info["params"]["density"] == 0.2
     assert info["output_ranks"]["m"] == 4
+    error = relative_error(merged["m"].delta_weight(), exact["m"].delta_weight())
     assert 0.0 < info["per_module"]["m"]["relative_error"] == info["max_relative_error"] < 1.0
+    assert info["max_relative_error"] == pytest.approx(error, rel=1e-4)
 
 
 def test_magnitude_prune_prunes_the_merged_update_not_each_task():

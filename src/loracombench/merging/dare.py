@@ -7,9 +7,9 @@ Then:
 - dare_linear sums the τ̃ᵢ (DARE before task arithmetic);
 - dare_ties elects signs and takes the disjoint mean of the τ̃ᵢ, as TIES does, without TIES'
   magnitude trimming (the random drop replaces it).
-The result is re-factorised by truncated SVD to `rank` (0 = Σ rᵢ) and the relative
-reconstruction error is recorded in info. Note that the drop makes the update full rank, so at
-a low output rank the truncation discards much of the rescaled noise again.
+The drop makes the update full rank, so it is stored exactly by default (rank=0, see dense.py):
+only then is the merged update still an unbiased estimate of the undropped one. A positive `rank`
+keeps its best rank-k approximation, with the relative error in info.
 
 Default density 0.5 (drop rate 0.5): the paper finds drop rates of 0.9 and more harmless for
 the full fine-tuning deltas of large models; nothing shows the same for the LoRA updates of a
@@ -27,7 +27,7 @@ import zlib
 import torch
 
 from loracombench.merging import params as shared
-from loracombench.merging.dense import output_rank, refactorise, weighted_updates
+from loracombench.merging.dense import refactorise, weighted_updates
 from loracombench.merging.factors import LoraFactors
 from loracombench.merging.ops import random_drop, sign_consensus_mean
 from loracombench.merging.registry import MergeMethod, register
@@ -51,23 +51,23 @@ def dropped_updates(factors: list[LoraFactors], weights: list[float], params: di
 
 def merge_dare_linear(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
     merged = dropped_updates(factors, weights, params, module).sum(dim=0)
-    return refactorise(merged, output_rank(params["rank"], factors))
+    return refactorise(merged, params["rank"])
 
 
 def merge_dare_ties(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
     merged = sign_consensus_mean(dropped_updates(factors, weights, params, module), params["sign_mode"])
-    return refactorise(merged, output_rank(params["rank"], factors))
+    return refactorise(merged, params["rank"])
 
 
 _DENSITY = shared.density(0.5, "probability of keeping each entry (1 - drop rate)")
-_RANK = shared.rank("output rank; 0 = the sum of the input ranks")
+_RANK = shared.rank("output rank; 0 = exact (full-rank factors), k > 0 = best rank-k approximation")
 
 register(MergeMethod(
     name="dare_linear",
     fn=merge_dare_linear,
     params=(_DENSITY, shared.seed(), _RANK),
     reference=REFERENCE,
-    summary="random drop with 1/density rescale, then Σ; SVD re-factorisation",
+    summary="random drop with 1/density rescale, then Σ; exact by default, rank=k compresses",
     averages=False,
     needs_equal_ranks=False,
     takes_union_of_modules=True,
@@ -78,7 +78,7 @@ register(MergeMethod(
     fn=merge_dare_ties,
     params=(_DENSITY, shared.sign_mode(), shared.seed(), _RANK),
     reference=REFERENCE + "; sign election and disjoint merge from Yadav et al. 2023, arXiv 2306.01708",
-    summary="random drop with 1/density rescale, then TIES sign election and disjoint mean; SVD re-factorisation",
+    summary="random drop with 1/density rescale, then TIES sign election and disjoint mean; exact by default, rank=k compresses",
     averages=True,
     needs_equal_ranks=False,
     takes_union_of_modules=True,

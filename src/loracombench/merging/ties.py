@@ -7,8 +7,8 @@ Per module, on the dense task updates τᵢ = wᵢΔWᵢ:
    majority of signs instead);
 3. disjoint merge: per entry, the mean of the τᵢ whose sign equals the elected one;
 4. scale the result by λ (`lam`).
-The result is generally full rank; it is re-factorised by truncated SVD to `rank` (0 = Σ rᵢ),
-and info records each module's relative reconstruction error.
+The result is generally full rank; it is stored exactly by default (rank=0, see dense.py). A
+positive `rank` keeps its best rank-k approximation, and info records the relative error.
 
 The weights scale τᵢ before the sign election. PEFT's ties elects on the unweighted trimmed
 updates and applies the weights afterwards; the two agree when all weights are equal and positive.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from loracombench.merging import params as shared
-from loracombench.merging.dense import output_rank, refactorise, weighted_updates
+from loracombench.merging.dense import refactorise, weighted_updates
 from loracombench.merging.factors import LoraFactors
 from loracombench.merging.ops import sign_consensus_mean, trim_by_magnitude
 from loracombench.merging.registry import MergeMethod, register
@@ -34,7 +34,7 @@ def ties_combine(stacked: torch.Tensor, density: float, sign_mode: str) -> torch
 def merge_ties(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
     tasks = weighted_updates(factors, weights)
     merged = params["lam"] * ties_combine(tasks, params["density"], params["sign_mode"])
-    return refactorise(merged, output_rank(params["rank"], factors))
+    return refactorise(merged, params["rank"])
 
 
 register(MergeMethod(
@@ -44,11 +44,11 @@ register(MergeMethod(
         shared.density(0.2, "fraction of each task update kept by magnitude"),
         shared.sign_mode(),
         shared.lam(),
-        shared.rank("output rank; 0 = the sum of the input ranks"),
+        shared.rank("output rank; 0 = exact (full-rank factors), k > 0 = best rank-k approximation"),
     ),
     reference="Yadav, Tam, Choshen, Raffel, Bansal 2023, 'TIES-Merging: Resolving Interference When "
               "Merging Models', arXiv 2306.01708",
-    summary="trim each ΔW, elect signs, mean of agreeing entries; SVD re-factorisation",
+    summary="trim each ΔW, elect signs, mean of agreeing entries; exact by default, rank=k compresses",
     averages=True,
     needs_equal_ranks=False,
     takes_union_of_modules=True,
