@@ -12,7 +12,7 @@ from loracombench import adapters
 from loracombench.models import load_model
 from loracombench.tasks import get_task
 from loracombench.config import TrainSettings
-from loracombench.training import IGNORE_INDEX, encode_example, train_adapter
+from loracombench.training import IGNORE_INDEX, encode_example, init_lora, train_adapter
 
 AG_ROWS = [{"text": f"{w} story {i}", "label": y}
            for i in range(3) for y, w in enumerate(["war", "goal", "stocks", "chip"])]
@@ -136,3 +136,19 @@ def test_length_grouped_batches_cover_every_example_once():
     assert batches == length_grouped_batches(lengths, 8, random.Random(0), group=4)
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 40  # random batches of 8 from 5..90 spread about 65
+
+
+def _initial_lora_A(task_name: str, **settings) -> dict[str, torch.Tensor]:
+    model = init_lora(load_model("tiny-llama").model, TrainSettings(**settings), task_name)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_A" in name}
+
+
+def test_each_task_starts_from_its_own_lora_initialisation_unless_shared():
+    ag_news, gsm8k = _initial_lora_A("ag_news"), _initial_lora_A("gsm8k")
+    assert ag_news.keys() == gsm8k.keys() and ag_news
+    assert all(not torch.equal(ag_news[name], gsm8k[name]) for name in ag_news)
+    # The same task and seed reproduce the same start; another seed moves it.
+    assert all(torch.equal(ag_news[name], a) for name, a in _initial_lora_A("ag_news").items())
+    assert all(not torch.equal(ag_news[name], a) for name, a in _initial_lora_A("ag_news", seed=1).items())
+    shared = [_initial_lora_A(task, shared_init=True) for task in ("ag_news", "gsm8k")]
+    assert all(torch.equal(shared[0][name], shared[1][name]) for name in shared[0])

@@ -32,7 +32,9 @@ class TrainSettings(Strict):
     max_length: int = Field(256, ge=8)
     weight_decay: float = Field(0.0, ge=0)
     group_by_length: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+    # False: each task's LoRA starts from its own initialisation (seed derived from seed and task).
+    shared_init: bool = False
 
 
 class EvalSettings(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,12 +73,28 @@ def lora_config(config: TrainSettings, model_type: str):
     )
 
 
+def lora_init_seed(config: TrainSettings, task_name: str) -> int:
+    """The seed of the adapter's initial lora_A. Derived from the run seed and the task by default,
+    so that experts start from independent initialisations: with one shared start their A matrices
+    stay close after a short run, and factor averaging then looks far better than it is.
+    shared_init=true gives every task the run seed itself (one shared initialisation)."""
+    if config.shared_init:
+        return config.seed
+    return zlib.crc32(f"{config.seed}:{task_name}".encode("utf-8"))
+
+
+def init_lora(model, config: TrainSettings, task_name: str):
+    """The base wrapped in a fresh LoRA, lora_A drawn from the task's init seed (lora_B is zero)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(lora_init_seed(config, task_name))
+    return get_peft_model(model, lora_config(config, model.config.model_type))
+
+
 def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: TrainSettings, out_dir: str | Path,
                   device: str = "auto",
                   progress: bool = True, extra_metadata: dict | None = None) -> dict:
     """Train one LoRA adapter and save it (PEFT format + metadata + loss curve) to out_dir."""
-    from peft import get_peft_model
-
     tokenizer = loaded.tokenizer
     examples = [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length, task.target_ends_with_eos)
                 for r in rows]
@@ -85,9 +102,9 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     if not kept:
         raise ValueError(f"no training example of {task.name} fits max_length={config.max_length}")
     random.seed(config.seed)
-    torch.manual_seed(config.seed)
     device = pick_device(device)
-    model = get_peft_model(loaded.model, lora_config(config, loaded.model.config.model_type)).to(device)
+    model = init_lora(loaded.model, config, task.name).to(device)
+    torch.manual_seed(config.seed)  # dropout masks: the run seed, whatever the initialisation
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = plan_steps(kept, config)
@@ -117,7 +134,8 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     elapsed = time.time() - started
     metadata = {
         "kind": "trained", "task": task.name, "base_model": loaded.fingerprint,
-        "config": config.model_dump(), "seed": config.seed, "n_train": len(rows),
+        "config": config.model_dump(), "seed": config.seed,
+        "init_seed": lora_init_seed(config, task.name), "n_train": len(rows),
         "n_used": len(kept), "n_truncated": sum(len(e.input_ids) == config.max_length for e in kept),
         "train_time_s": round(elapsed, 2), "steps": len(curve),
         "final_loss": curve[-1]["loss"], "device": str(device), **(extra_metadata or {}),
