@@ -22,11 +22,39 @@ def test_batched_left_padded_scoring_equals_one_at_a_time(tiny_gpt2):
     model, tok = tiny_gpt2.model, tiny_gpt2.tokenizer
     task = get_task("ag_news")
     rows = [{"text": "Short one", "label": 0}, {"text": "A much longer article about markets " * 4, "label": 2}]
-    requests = [(encode(tok, task.prompt(r)), encode(tok, c)) for r in rows for c in task.choices(r)]
+    requests = [(encode(tok, task.prompt(r)), encode(tok, " " + c)) for r in rows for c in task.choices(r)]
     requests.append((encode(tok, "Question: 2+2?\nAnswer:"), encode(tok, " It is 4.\n#### 4")))
     batched = continuation_logprobs(model, tok, requests, batch_size=3)
     expected = [reference_logprob(model, c, t) for c, t in requests]
     assert batched == pytest.approx(expected, abs=1e-4)
+
+
+def test_acc_and_acc_norm_equal_a_hand_computation(tiny_gpt2):
+    from loracombench.evaluation import EvalConfig, evaluate_multiple_choice
+
+    model, tok = tiny_gpt2.model, tiny_gpt2.tokenizer
+    task = get_task("ag_news")
+    rows = [{"text": f"{words} story", "label": y}
+            for y, words in enumerate(["war election", "goal match", "stocks profit", "chip software"])]
+    result, predictions = evaluate_multiple_choice(model, tok, task, rows, EvalConfig(batch_size=3), False)
+    hits = hits_norm = 0
+    for row, predicted in zip(rows, predictions):
+        context = encode(tok, task.prompt(row))
+        summed = [reference_logprob(model, context, encode(tok, " " + c)) for c in task.choices(row)]
+        # lm-eval's acc_norm divides by the choice's length in characters, delimiter excluded.
+        per_char = [v / len(c) for v, c in zip(summed, task.choices(row))]
+        assert predicted["prediction"] == max(range(4), key=summed.__getitem__)
+        assert predicted["prediction_norm"] == max(range(4), key=per_char.__getitem__)
+        hits += predicted["prediction"] == row["label"]
+        hits_norm += predicted["prediction_norm"] == row["label"]
+    assert result["accuracy"]["value"] == hits / 4 and result["accuracy_norm"]["value"] == hits_norm / 4
+    recalls = [result[f"recall_{name}"]["value"] for name in task.choices(rows[0])]
+    assert recalls == [float(p["correct"]) for p in predictions]
+
+
+def test_confusion_matrix_counts_gold_by_prediction():
+    matrix = metrics.confusion_matrix([0, 0, 1, 2], [0, 1, 1, 0], ["A", "B", "C"])
+    assert matrix == {"classes": ["A", "B", "C"], "counts": [[1, 1, 0], [0, 1, 0], [1, 0, 0]]}
 
 
 def test_wilson_interval_known_values():

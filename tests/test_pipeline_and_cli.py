@@ -37,7 +37,7 @@ def test_run_resumes_from_finished_cells_and_reports(tmp_path, small_mirror, cap
     assert {r["metric"] for r in rows} >= {"accuracy", "macro_f1", "gold_nll", "exact_match_flexible"}
     assert all(float(r["ci_low"]) <= float(r["value"]) + 1e-9 for r in rows)
     assert (out / "results.png").stat().st_size > 5000
-    stamp = (out / "eval" / "merge_average" / "ag_news" / "metrics.json").stat().st_mtime_ns
+    stamp = (out / "eval" / "merge_average_seed0" / "ag_news" / "metrics.json").stat().st_mtime_ns
 
     # Interrupted run: one result is missing. The rerun recomputes that cell alone.
     (out / "eval" / "base" / "gsm8k" / "metrics.json").unlink()
@@ -45,20 +45,45 @@ def test_run_resumes_from_finished_cells_and_reports(tmp_path, small_mirror, cap
     second = capsys.readouterr().out
     assert second.count("cached") == 2 + 1 + 7  # two adapters, one merge, 7 of 8 evaluations
     assert "eval base on gsm8k: exact_match_flexible" in second
-    assert (out / "eval" / "merge_average" / "ag_news" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "eval" / "merge_average_seed0" / "ag_news" / "metrics.json").stat().st_mtime_ns == stamp
 
     # An expert whose weights changed (same settings) invalidates everything built on it.
     from loracombench import adapters
     from loracombench.merging.factors import LoraFactors
 
-    expert = adapters.read_adapter(out / "adapters" / "ag_news")
+    expert = adapters.read_adapter(out / "adapters" / "seed0" / "ag_news")
     doubled = {m: LoraFactors(f.lora_A, 2 * f.lora_B, f.scale) for m, f in expert.factors.items()}
-    adapters.write_factors(out / "adapters" / "ag_news", doubled, expert.config,
+    adapters.write_factors(out / "adapters" / "seed0" / "ag_news", doubled, expert.config,
                            {k: v for k, v in expert.metadata.items() if k != "schema"})
     assert main(argv) == 0
     third = capsys.readouterr().out
     assert "merge average: done" in third and "train ag_news: cached" in third
     assert third.count("cached") == 2 + 4  # both adapters' training, base and gsm8k expert evaluations
+
+
+def test_each_seed_retrains_the_experts_and_evaluates_on_the_same_examples(tmp_path, small_mirror):
+    from loracombench import adapters, metrics
+
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(write_config(tmp_path, seeds=[0, 3])), "--data-dir", str(small_mirror),
+            "--out", str(out)]
+    assert main(argv) == 0
+    experts = [adapters.read_adapter(out / "adapters" / f"seed{s}" / "ag_news") for s in (0, 3)]
+    assert [e.metadata["seed"] for e in experts] == [0, 3]
+    module = next(iter(experts[0].factors))
+    assert not experts[0].factors[module].lora_A.equal(experts[1].factors[module].lora_A)
+    records = [metrics.read_result(out / "eval" / f"merge_average_seed{s}" / "ag_news") for s in (0, 3)]
+    assert [r["model"]["seed"] for r in records] == [0, 3]
+    assert {r["model"]["label"] for r in records} == {"merge: average"}
+    assert metrics.read_result(out / "eval" / "base" / "ag_news")["model"]["seed"] is None
+    gold = [[row["gold"] for row in io_rows(out / "eval" / f"merge_average_seed{s}" / "ag_news")] for s in (0, 3)]
+    assert gold[0] == gold[1]
+
+
+def io_rows(folder):
+    import json
+
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
 
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
@@ -72,6 +97,10 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         ExperimentConfig(merges=[{"method": "nope"}])
     with pytest.raises(ValueError, match="no config file or preset"):
         load_config("no-such-preset")
+    with pytest.raises(ValueError, match="distinct"):
+        ExperimentConfig(seeds=[1, 1])
+    with pytest.raises(ValueError, match="seeds"):
+        ExperimentConfig(train={"seed": 2})
 
 
 def test_presets_validate():

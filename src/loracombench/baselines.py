@@ -89,7 +89,7 @@ def _ag_news_result(task: Task, predicted, evaluation: list[dict]) -> tuple[dict
     rows = [{"index": i, "gold": g, "prediction": p, "correct": g == p,
              "gold_label": labels[g], "predicted_label": labels[p]}
             for i, (g, p) in enumerate(zip(gold, predicted))]
-    return metrics.classification_metrics(gold, predicted, len(labels)), rows
+    return metrics.classification_metrics(gold, predicted, list(labels)), rows
 
 
 # --------------------------------------------------------------------------- GSM8K

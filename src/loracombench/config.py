@@ -71,6 +71,9 @@ class ExperimentConfig(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["ag_news", "gsm8k"])
     n_train: dict[str, int | None] = Field(default_factory=lambda: {"ag_news": 400, "gsm8k": 240})
     data_seed: int = 0
+    # Each seed retrains the experts (LoRA initialisation, data order, dropout) and re-merges them;
+    # the training sample (data_seed) and the evaluation sample stay fixed, so models pair up.
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(method="average")])
@@ -85,6 +88,19 @@ class ExperimentConfig(Strict):
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks repeat: {tasks}")
         return tasks
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+            raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _seed_given_once(self) -> "ExperimentConfig":
+        if "seed" in self.train.model_fields_set:
+            raise ValueError("train.seed is set per run by `seeds: [...]`; give the seeds there")
+        return self
 
     @model_validator(mode="after")
     def _sizes_cover_tasks(self) -> "ExperimentConfig":

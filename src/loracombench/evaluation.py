@@ -85,12 +85,13 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def score_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: int, progress: bool) -> list[list[float]]:
-    """Per row, the log-likelihood of each choice (lm-eval-harness `acc`: summed, unnormalised)."""
+    """Per row, the summed log-likelihood of each choice after the task's delimiter (lm-eval's
+    `target_delimiter`), as lm-eval-harness scores multiple choice."""
     requests, owners = [], []
     for index, row in enumerate(rows):
         context = encode(tokenizer, task.prompt(row))
         for choice in task.choices(row):
-            requests.append((context, encode(tokenizer, choice)))
+            requests.append((context, encode(tokenizer, task.choice_delimiter + choice)))
             owners.append(index)
     flat = continuation_logprobs(model, tokenizer, requests, batch_size, f"score {task.name}", progress)
     per_row = [[] for _ in rows]
@@ -99,14 +100,27 @@ def score_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: in
     return per_row
 
 
+def argmax(values) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def evaluate_multiple_choice(model, tokenizer, task: Task, rows, config: EvalConfig, progress: bool):
+    """lm-eval's `acc` (argmax of the summed log-likelihoods) and `acc_norm` (argmax of the
+    log-likelihood per character of the choice, without the delimiter, as lm-eval counts it),
+    plus macro-F1, per-class recall and the confusion matrix of `acc`'s predictions."""
     scores = score_choices(model, tokenizer, task, rows, config.batch_size, progress)
     gold = [task.gold_index(r) for r in rows]
-    predicted = [max(range(len(s)), key=s.__getitem__) for s in scores]
-    predictions = [{"index": i, "gold": g, "prediction": p, "correct": g == p,
-                    "logprobs": [round(v, 4) for v in s]}
-                   for i, (g, p, s) in enumerate(zip(gold, predicted, scores))]
-    return metrics.classification_metrics(gold, predicted, len(task.choices(rows[0]))), predictions
+    predictions = []
+    for index, (row, g, s) in enumerate(zip(rows, gold, scores)):
+        lengths = [len(choice) for choice in task.choices(row)]
+        p, p_norm = argmax(s), argmax([v / n for v, n in zip(s, lengths)])
+        predictions.append({"index": index, "gold": g, "prediction": p, "correct": g == p,
+                            "prediction_norm": p_norm, "correct_norm": g == p_norm,
+                            "logprobs": [round(v, 4) for v in s]})
+    predicted = [p["prediction"] for p in predictions]
+    result = metrics.classification_metrics(gold, predicted, task.choices(rows[0]))
+    result["accuracy_norm"] = metrics.proportion(sum(p["correct_norm"] for p in predictions), len(rows))
+    return result, predictions
 
 
 # ---------------------------------------------------------------- generation
@@ -171,10 +185,14 @@ def evaluate(model, tokenizer, task: Task, rows: list[dict], config: EvalConfig,
     started = time.time()
     model.eval()
     result, predictions = EVALUATORS[task.kind](model, tokenizer, task, rows, config, progress)
+    details = {}
+    if task.kind == "multiple_choice":
+        details["confusion_matrix"] = metrics.confusion_matrix(
+            [p["gold"] for p in predictions], [p["prediction"] for p in predictions], task.choices(rows[0]))
     record = metrics.result_record(
         task=task.name, split=config.split, n=len(rows), seed=config.seed, model=model_info,
         metrics=result, primary_metric=task.primary_metric if task.primary_metric in result else "gold_nll",
-        chance=task.chance, config=asdict(config), elapsed_s=round(time.time() - started, 2))
+        chance=task.chance, config=asdict(config), elapsed_s=round(time.time() - started, 2), details=details)
     if out_dir is not None:
         metrics.write_result(out_dir, record, predictions)
     return record

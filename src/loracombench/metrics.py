@@ -58,20 +58,39 @@ def bootstrap_statistic(statistic, gold, predicted, seed: int = 0, resamples: in
             "n": int(gold.size), "interval": "bootstrap95"}
 
 
-def classification_metrics(gold: list[int], predicted: list[int], n_classes: int) -> dict:
+def classification_metrics(gold: list[int], predicted: list[int], class_names: list[str]) -> dict:
+    """Accuracy, macro-F1, and each class's recall (recall_<class>), which shows a model that
+    cannot predict a class at all; the confusion matrix is confusion_matrix()'s job."""
     from sklearn.metrics import f1_score
+
+    n_classes = len(class_names)
 
     def macro_f1(g, p):
         return f1_score(g, p, labels=list(range(n_classes)), average="macro", zero_division=0)
 
     correct = sum(int(g == p) for g, p in zip(gold, predicted))
-    return {"accuracy": proportion(correct, len(gold)),
-            "macro_f1": bootstrap_statistic(macro_f1, gold, predicted)}
+    result = {"accuracy": proportion(correct, len(gold)),
+              "macro_f1": bootstrap_statistic(macro_f1, gold, predicted)}
+    for label, name in enumerate(class_names):
+        members = [p for g, p in zip(gold, predicted) if g == label]
+        if members:
+            result[f"recall_{name.strip()}"] = proportion(sum(p == label for p in members), len(members))
+    return result
+
+
+def confusion_matrix(gold: list[int], predicted: list[int], class_names: list[str]) -> dict:
+    """Counts[g][p]: gold class g predicted as p, with the class names in order."""
+    counts = [[0] * len(class_names) for _ in class_names]
+    for g, p in zip(gold, predicted):
+        counts[g][p] += 1
+    return {"classes": [name.strip() for name in class_names], "counts": counts}
 
 
 def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metrics: dict,
                   primary_metric: str, chance: float, config: dict | None = None,
-                  elapsed_s: float | None = None) -> dict:
+                  elapsed_s: float | None = None, details: dict | None = None) -> dict:
+    """`metrics` maps names to values with intervals; `details` holds what is not one number
+    (a confusion matrix, say)."""
     return {
         "schema": SCHEMA,
         "task": task,
@@ -84,6 +103,7 @@ def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metr
         "metrics": metrics,
         "config": config or {},
         "elapsed_s": elapsed_s,
+        "details": details or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

@@ -24,10 +24,19 @@ from .training import train_adapter
 @dataclass
 class ModelEntry:
     slug: str  # folder name under eval/
-    label: str  # what the table calls it
+    label: str  # what the table calls it (the same for every seed)
     kind: str  # base | expert | merge
     adapter: Path | None
     key: str
+    seed: int | None = None  # the training seed of the experts it comes from; None for the base
+    relative_error: float | None = None  # a compressed merge's error against its exact update
+
+    def info(self) -> dict:
+        info = {"label": self.label, "kind": self.kind, "slug": self.slug, "seed": self.seed,
+                "adapter": str(self.adapter) if self.adapter else None}
+        if self.relative_error is not None:
+            info["relative_error"] = self.relative_error
+        return info
 
 
 def log(message: str) -> None:
@@ -57,12 +66,12 @@ class Experiment:
 
     # ------------------------------------------------------------ cells
 
-    def train_cell(self, task: str, fingerprint: dict) -> ModelEntry:
-        settings = self.config.train
+    def train_cell(self, task: str, fingerprint: dict, seed: int) -> ModelEntry:
+        settings = self.config.train.model_copy(update={"seed": seed})
         key = stable_hash({"base": fingerprint, "task": task, "n": self.config.n_train[task],
                            "data_seed": self.config.data_seed, "data": self.data_source,
                            "train": settings.model_dump()})
-        folder = self.out / "adapters" / task
+        folder = self.out / "adapters" / f"seed{seed}" / task
         if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
             log(f"train {task}: cached in {folder}")
         else:
@@ -71,11 +80,12 @@ class Experiment:
                                  self.config.device, progress=self.progress,
                                  extra_metadata={"cell_key": key, "data": self.data_source})
             log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
-        return self._adapter_entry(f"expert_{task}", f"{task} expert", "expert", folder, key)
+        return self._adapter_entry(f"expert_{task}_seed{seed}", f"{task} expert", "expert", folder, key, seed)
 
     def merge_cell(self, spec, experts: list[ModelEntry]) -> ModelEntry:
+        seed = experts[0].seed
         key = stable_hash({"merge": spec.model_dump(), "sources": [e.key for e in experts]})
-        folder = self.out / "merges" / spec.name
+        folder = self.out / "merges" / f"seed{seed}" / spec.name
         if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
             log(f"merge {spec.name}: cached")
         else:
@@ -83,14 +93,17 @@ class Experiment:
             adapters.merge_adapter_dirs([e.adapter for e in experts], spec.method, folder, spec.weights,
                                         spec.params, extra_metadata={"cell_key": key, "label": spec.name})
             log(f"merge {spec.name}: done in {time.time() - started:.1f} s")
-        return self._adapter_entry(f"merge_{spec.name}", f"merge: {spec.name}", "merge", folder, key)
+        return self._adapter_entry(f"merge_{spec.name}_seed{seed}", f"merge: {spec.name}", "merge", folder, key,
+                                   seed)
 
     @staticmethod
-    def _adapter_entry(slug: str, label: str, kind: str, folder: Path, cell_key: str) -> ModelEntry:
+    def _adapter_entry(slug: str, label: str, kind: str, folder: Path, cell_key: str, seed: int) -> ModelEntry:
         """Downstream cells key on the adapter's actual weights as well as on its settings, so a
         retrained or re-merged adapter invalidates every merge and evaluation built on it."""
         weights = hashlib.sha256((folder / adapters.WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
-        return ModelEntry(slug, label, kind, folder, stable_hash({"cell": cell_key, "weights": weights}))
+        error = ((adapters.read_metadata(folder) or {}).get("info") or {}).get("max_relative_error")
+        return ModelEntry(slug, label, kind, folder, stable_hash({"cell": cell_key, "weights": weights}), seed,
+                          error or None)
 
     def eval_config(self, task: str) -> EvalConfig:
         settings = self.config.eval
@@ -112,8 +125,7 @@ class Experiment:
         model = adapters.apply_adapter(loaded, entry.adapter) if entry.adapter else loaded.model
         if task not in rows_cache:
             rows_cache[task] = self.eval_rows(task)
-        info = {"label": entry.label, "kind": entry.kind, "slug": entry.slug, "base_model": fingerprint,
-                "adapter": str(entry.adapter) if entry.adapter else None, "cell_key": key}
+        info = {**entry.info(), "base_model": fingerprint, "cell_key": key}
         model.to(pick_device(self.config.device))
         record = evaluate(model, loaded.tokenizer, get_task(task), rows_cache[task], eval_config, info,
                           out_dir=folder, progress=self.progress)
@@ -159,10 +171,12 @@ class Experiment:
         io.write_json(self.out / "config.json", self.config.model_dump())
         fingerprint = self.base().fingerprint
         base = ModelEntry("base", "base", "base", None, stable_hash(fingerprint))
-        experts = [self.train_cell(task, fingerprint) for task in self.config.tasks]
-        merges = [self.merge_cell(spec, experts) for spec in self.config.merges]
+        models = [base]
+        for seed in self.config.seeds:
+            experts = [self.train_cell(task, fingerprint, seed) for task in self.config.tasks]
+            models += experts + [self.merge_cell(spec, experts) for spec in self.config.merges]
         rows_cache: dict[str, list[dict]] = {}
-        for entry in [base, *experts, *merges]:
+        for entry in models:
             for task in self.config.tasks:
                 self.eval_cell(entry, task, fingerprint, rows_cache)
         if self.config.baselines:

@@ -34,15 +34,15 @@ class AgNews(Task):
         )
 
     def choices(self, row: dict) -> list[str]:
-        # A leading space, because the prompt ends in "Topic:" and BPE vocabularies
-        # attach the space to the word that follows.
-        return [f" {label}" for label in LABELS]
+        # Scored after choice_delimiter (a space): the prompt ends in "Topic:" and BPE
+        # vocabularies attach the space to the word that follows.
+        return list(LABELS)
 
     def gold_index(self, row: dict) -> int:
         return row["label"]
 
     def target(self, row: dict) -> str:
-        return self.choices(row)[self.gold_index(row)]
+        return self.choice_delimiter + self.choices(row)[self.gold_index(row)]
 
     def check_row(self, row: dict) -> str | None:
         problem = super().check_row(row)

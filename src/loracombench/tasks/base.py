@@ -21,6 +21,9 @@ class Task(ABC):
     kind: ClassVar[str]
     primary_metric: ClassVar[str]
     chance: ClassVar[float]
+    # Multiple choice: what separates the prompt from a choice (lm-eval's target_delimiter); it is
+    # scored with the choice but not counted in acc_norm's per-character normalisation.
+    choice_delimiter: ClassVar[str] = " "
     # Generated targets must teach the model to stop; a scored continuation needs no EOS.
     target_ends_with_eos: ClassVar[bool] = True
 
