@@ -66,16 +66,18 @@ def test_gsm8k_majority_and_nearest_neighbour():
     assert list(results) == baselines.BASELINES["gsm8k"]
     scores, predictions = results["majority_answer"]
     assert [p["prediction"] for p in predictions] == ["6", "6", "6"]  # 6 occurs twice in train
-    assert [p["correct"] for p in predictions] == [False, True, False]
-    assert scores["exact_match_strict"] == scores["exact_match_flexible"]
+    assert [p["correct_flexible"] for p in predictions] == [False, True, False]
+    # A baseline writes "#### <answer>": both lm-eval extractions read the same number.
+    assert [(p["strict"], p["flexible"]) for p in predictions] == [("6", "6")] * 3
+    assert scores["exact_match_strict"] == scores["exact_match_flexible"] == scores["exact_match_numeric"]
     assert scores["exact_match_flexible"]["value"] == pytest.approx(1 / 3)
 
     scores, predictions = results["tfidf_nearest_neighbour"]
     assert [p["neighbour_index"] for p in predictions] == [1, 0, 2]
     assert [p["prediction"] for p in predictions] == ["120", "5", "6"]
     assert predictions[2]["similarity"] == pytest.approx(1.0)
-    assert predictions[2]["gold"] == "1000"  # gold answers are normalised: no thousands comma
-    assert [p["correct"] for p in predictions] == [True, False, False]
+    assert predictions[2]["gold"] == "1000"  # gold as lm-eval compares it: no thousands comma
+    assert [p["correct_strict"] for p in predictions] == [True, False, False]
     assert scores["exact_match_flexible"]["value"] == pytest.approx(1 / 3)
 
 
@@ -89,7 +91,7 @@ def test_run_baselines_writes_result_files(tmp_path):
         assert record["model"] == {"label": folder.name, "kind": "baseline"}
         assert record["config"]["n_train"] == 6
         rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
-        assert len(rows) == 3 and {"index", "gold", "prediction", "correct"} <= set(rows[0])
+        assert len(rows) == 3 and {"index", "gold", "prediction", "correct_strict", "correct_flexible"} <= set(rows[0])
 
 
 def test_bad_rows_are_rejected_before_writing(tmp_path):

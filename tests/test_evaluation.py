@@ -94,6 +94,12 @@ def test_gsm8k_evaluation_generates_extracts_and_scores_nll(tiny_gpt2, tmp_path)
                       {"label": "base", "kind": "base"}, out_dir=tmp_path / "g", progress=False)
     predictions = [json.loads(l) for l in (tmp_path / "g" / "predictions.jsonl").read_text().splitlines()]
     assert [("output" in p) for p in predictions] == [True, True, False]
+    assert [p["gold"] for p in predictions] == ["2", "4", "6"]
+    task = get_task("gsm8k")
+    for p, row in zip(predictions[:2], rows):  # the task's own scoring, field for field
+        assert {k: p[k] for k in task.score_output(p["output"], row)} == task.score_output(p["output"], row)
+    for metric, field in task.generation_metrics.items():
+        assert record["metrics"][metric]["value"] == sum(p[field] for p in predictions[:2]) / 2
     assert record["metrics"]["exact_match_flexible"]["n"] == 2 and record["metrics"]["gold_nll"]["n"] == 3
     assert record["metrics"]["gold_nll"]["value"] == pytest.approx(sum(p["gold_nll"] for p in predictions) / 3, abs=1e-4)
     assert record["metrics"]["gold_nll"]["value"] > 0

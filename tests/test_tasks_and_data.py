@@ -9,30 +9,10 @@ from conftest import needs_mirror, MIRROR, write_jsonl
 
 from loracombench.data import DataError, load_sample, load_split, subsample
 from loracombench.tasks import get_task
-from loracombench.tasks.gsm8k import extract_flexible, extract_strict, gold_answer, same_number
 
 
-# ---------------------------------------------------------------- GSM8K answer extraction
-
-@pytest.mark.parametrize("output, strict, flexible", [
-    ("She pays 3 * 4 = 12 dollars.\n#### 12", "12", "12"),
-    ("The total is $1,250.\n#### $1,250.", "1250", "1250"),
-    ("So the answer is 42.", None, "42"),
-    ("First 5 then 7 then finally 9", None, "9"),
-    ("#### -3\nQuestion: next", "-3", "-3"),
-    ("no digits at all", None, None),
-    ("#### 18.0", "18.0", "18.0"),
-])
-def test_answer_extraction_both_conventions(output, strict, flexible):
-    assert extract_strict(output) == strict
-    assert extract_flexible(output) == flexible
-
-
-def test_gold_answer_and_numeric_equality():
-    assert gold_answer({"answer": "step\n#### 1,000"}) == "1000"
-    assert same_number("18.0", "18") and same_number("1000", "1000")
-    assert not same_number(None, "3") and not same_number("3.5", "3")
-
+# ---------------------------------------------------------------- prompts and targets
+# (GSM8K answer extraction and comparison: tests/test_gsm8k_lm_eval.py)
 
 def test_gsm8k_target_drops_calculator_annotations():
     task = get_task("gsm8k")
@@ -75,8 +55,9 @@ def test_bad_rows_name_file_and_line(tmp_path, content, message, line):
         load_split("ag_news", "train", tmp_path)
 
 
-def test_gsm8k_answer_without_final_line(tmp_path):
-    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "Q", "answer": "just 4"}])
+@pytest.mark.parametrize("answer", ["just 4", "so ####4"])  # lm-eval reads the gold after "#### "
+def test_gsm8k_answer_without_final_line(tmp_path, answer):
+    write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "Q", "answer": answer}])
     with pytest.raises(DataError, match=r"test\.jsonl:1: .*####"):
         load_split("gsm8k", "test", tmp_path)
 

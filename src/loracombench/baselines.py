@@ -23,7 +23,6 @@ import numpy as np
 from . import metrics
 from .data import DataError, check_rows
 from .tasks import Task, get_task
-from .tasks.gsm8k import gold_answer, same_number
 
 BASELINES: dict[str, list[str]] = {
     "ag_news": ["majority_class", "multinomial_nb", "tfidf_logreg", "tfidf_linear_svm"],
@@ -94,9 +93,9 @@ def _ag_news_result(task: Task, predicted, evaluation: list[dict]) -> tuple[dict
 
 # --------------------------------------------------------------------------- GSM8K
 
-def _gsm8k_predictions(name: str, train: list[dict], evaluation: list[dict]) -> list[dict]:
+def _gsm8k_predictions(task: Task, name: str, train: list[dict], evaluation: list[dict]) -> list[dict]:
     """One dict per evaluation row: {"prediction": str, ...extra fields}."""
-    answers = [gold_answer(r) for r in train]
+    answers = [task.reference_answer(r) for r in train]
     if name == "majority_answer":
         majority = Counter(answers).most_common(1)[0][0]  # equal counts keep first-seen order
         return [{"prediction": majority} for _ in evaluation]
@@ -115,15 +114,13 @@ def _gsm8k_predictions(name: str, train: list[dict], evaluation: list[dict]) -> 
     return out
 
 
-def _gsm8k_result(predicted: list[dict], evaluation: list[dict]) -> tuple[dict, list[dict]]:
-    rows = []
-    for i, (row, extra) in enumerate(zip(evaluation, predicted)):
-        gold = gold_answer(row)
-        rows.append({"index": i, "gold": gold, **extra, "correct": same_number(extra["prediction"], gold)})
-    correct = sum(r["correct"] for r in rows)
-    # A baseline's prediction is already a bare number: strict and flexible extraction agree.
-    return {"exact_match_strict": metrics.proportion(correct, len(rows)),
-            "exact_match_flexible": metrics.proportion(correct, len(rows))}, rows
+def _gsm8k_result(task: Task, predicted: list[dict], evaluation: list[dict]) -> tuple[dict, list[dict]]:
+    # A baseline answers with the final line a trained model writes, "#### <answer>", and is
+    # scored by the task's own extraction and comparison, exactly like a generated output.
+    rows = [{"index": i, "gold": task.reference_answer(row), **extra,
+             **task.score_output(f"#### {extra['prediction']}", row)}
+            for i, (row, extra) in enumerate(zip(evaluation, predicted))]
+    return metrics.proportions(rows, task.generation_metrics), rows
 
 
 # --------------------------------------------------------------------------- API
@@ -141,7 +138,7 @@ def _evaluate(task_name: str, train_rows, eval_rows, seed: int):
             scores, predictions = _ag_news_result(
                 task, _ag_news_predictions(name, train_rows, eval_rows, seed), eval_rows)
         else:
-            scores, predictions = _gsm8k_result(_gsm8k_predictions(name, train_rows, eval_rows), eval_rows)
+            scores, predictions = _gsm8k_result(task, _gsm8k_predictions(task, name, train_rows, eval_rows), eval_rows)
         results.append((name, scores, predictions, time.time() - started))
     return task, results
 

@@ -1,5 +1,6 @@
 """Scoring every model the same way: log-likelihood multiple choice for AG News, greedy
-generation with exact match and the gold solution's per-token NLL for GSM8K."""
+generation and the gold solution's per-token NLL for GSM8K. A generation task extracts and
+compares its own answers (Task.score_output); this module only decodes and aggregates."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from . import metrics
 from .batching import left_pad
 from .models import autocast
 from .tasks import Task
-from .tasks import gsm8k as gsm8k_task
 
 
 @dataclass
@@ -158,19 +158,14 @@ def evaluate_generation(model, tokenizer, task: Task, rows, config: EvalConfig, 
     outputs = generate(model, tokenizer, [task.prompt(r) for r in generated_rows], config, task.stop_strings, progress)
     predictions = []
     for index, row in enumerate(rows):
-        gold = gsm8k_task.gold_answer(row)
-        entry = {"index": index, "gold": gold, "gold_nll": round(nll[index], 5)}
+        entry = {"index": index, "gold": task.reference_answer(row), "gold_nll": round(nll[index], 5)}
         if index < len(outputs):
-            strict, flexible = gsm8k_task.extract_strict(outputs[index]), gsm8k_task.extract_flexible(outputs[index])
-            entry.update(output=outputs[index], strict=strict, flexible=flexible,
-                         correct_strict=gsm8k_task.same_number(strict, gold),
-                         correct_flexible=gsm8k_task.same_number(flexible, gold))
+            entry.update(output=outputs[index], **task.score_output(outputs[index], row))
         predictions.append(entry)
     scored = predictions[: len(outputs)]
     result = {"gold_nll": metrics.bootstrap_mean(nll)}
     if scored:
-        result["exact_match_strict"] = metrics.proportion(sum(p["correct_strict"] for p in scored), len(scored))
-        result["exact_match_flexible"] = metrics.proportion(sum(p["correct_flexible"] for p in scored), len(scored))
+        result.update(metrics.proportions(scored, task.generation_metrics))
     return result, predictions
 
 

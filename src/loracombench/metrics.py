@@ -35,6 +35,11 @@ def proportion(successes: int, n: int) -> dict:
     return {"value": successes / n, "ci_low": low, "ci_high": high, "n": n, "interval": "wilson95"}
 
 
+def proportions(rows: list[dict], fields: dict[str, str]) -> dict:
+    """{metric: proportion of rows whose boolean `field` is true} for each (metric, field)."""
+    return {metric: proportion(sum(bool(r[field]) for r in rows), len(rows)) for metric, field in fields.items()}
+
+
 def bootstrap_mean(values, seed: int = 0, resamples: int = 2000) -> dict:
     """Mean with a percentile-bootstrap 95% interval (for per-example losses and F1-like scores)."""
     values = np.asarray(values, dtype=float)

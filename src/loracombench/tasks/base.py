@@ -26,6 +26,10 @@ class Task(ABC):
     choice_delimiter: ClassVar[str] = " "
     # Generated targets must teach the model to stop; a scored continuation needs no EOS.
     target_ends_with_eos: ClassVar[bool] = True
+    # Generation tasks: where decoding stops (besides EOS), and each reported proportion
+    # metric with the boolean per-example field of score_output it counts.
+    stop_strings: ClassVar[tuple[str, ...]] = ()
+    generation_metrics: ClassVar[dict[str, str]] = {}
 
     @abstractmethod
     def prompt(self, row: dict) -> str:
@@ -49,6 +53,15 @@ class Task(ABC):
                 if not value.strip():
                     return f"field {field!r} is empty"
         return None
+
+    def reference_answer(self, row: dict) -> str:
+        """Generation tasks: the gold answer as the task's comparison sees it."""
+        raise NotImplementedError(f"task {self.name!r} is not scored by generation")
+
+    def score_output(self, output: str, row: dict) -> dict:
+        """Generation tasks: per-example fields for one generated output (the task owns its
+        answer extraction and comparison), including every field named in generation_metrics."""
+        raise NotImplementedError(f"task {self.name!r} is not scored by generation")
 
     def stratum(self, row: dict) -> object | None:
         """The key that subsampling balances on (the label for classification), or None."""

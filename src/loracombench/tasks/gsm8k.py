@@ -1,55 +1,88 @@
 """GSM8K grade-school math (Cobbe et al. 2021), scored by greedy generation and exact match.
 
-Answer extraction follows lm-eval-harness's two GSM8K filters: "strict" reads the number after
-"#### ", "flexible" takes the last number in the output. Both strip thousands commas, a dollar
-sign and a trailing full stop before comparing with the gold number. The training target is the
-reference solution with its calculator annotations (<<48/2=24>>) removed: they cost tokens and
-carry no reasoning the text does not already state.
+Scoring is lm-evaluation-harness's `gsm8k` task (lm_eval/tasks/gsm8k/gsm8k.yaml, task version
+3.0), reimplemented here, so our exact-match numbers mean what published lm-eval GSM8K numbers mean:
+
+- Extraction is lm-eval's `RegexFilter` (lm_eval/filters/extraction.py): `re.findall` of the
+  pattern over the whole output, pick one match (`group_select`), a tuple match (a pattern with
+  several groups) becomes its first non-empty group, `.strip()` it; no match at all gives the
+  fallback "[invalid]".
+  - `strict-match`: pattern `#### (\\-?[0-9\\.\\,]+)`, the FIRST match;
+  - `flexible-extract`: pattern `(-?[$0-9.,]{2,})|(-?[0-9]+)`, the LAST match (group_select -1).
+- Comparison is lm-eval's `exact_match` (lm_eval/api/metrics.py, `exact_match_hf_evaluate`)
+  with the yaml's keyword arguments: each of the regexes_to_ignore `,`  `\\$`  `(?s).*#### `
+  `\\.$` is removed in that order with `re.sub` from BOTH prediction and reference, then both
+  are lower-cased (ignore_case true; ignore_punctuation false), then compared as strings.
+- The reference is the yaml's doc_to_target `{{answer}}`: the whole reference solution,
+  verbatim; the `(?s).*#### ` pattern is what reduces it to its final answer.
+
+So "18.00", "007", "-0", ".5" and "#### $18" do NOT match a gold 18 (or 7, 0, 0.5); "$18", "1,000"
+and one trailing full stop do. `exact_match_numeric` is our own, NOT lm-eval: the flexible
+extraction compared with the reference as decimal numbers, which forgives those formatting
+differences. It is reported beside lm-eval's two scores, never instead of them.
+
+The training target is the reference solution with its calculator annotations (<<48/2=24>>)
+removed: they cost tokens and carry no reasoning the text does not already state.
 """
 
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from .base import Task
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
-_STRICT = re.compile(r"#### (\-?[0-9\.\,\$]+)")
-_NUMBER = re.compile(r"-?[$0-9.,]{2,}|-?[0-9]+")
-# lm-eval-harness stops GSM8K generations at these; a trained adapter ends with EOS first.
-STOP_STRINGS = ("Question:", "</s>", "<|im_end|>", "\n\n\n")
+STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+FALLBACK = "[invalid]"
+IGNORED_PATTERNS = tuple(re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$"))
+_DECIMAL = re.compile(r"-?(\d+\.?\d*|\.\d+)")
+# lm-eval's gsm8k `until`; its HF backend also stops at EOS, as our generate() does. We add
+# nothing to it: flexible-extract reads the LAST number of the whole continuation, so any
+# extra stop string would change which number is scored.
+STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
 
 
-def normalize_number(text: str) -> str:
-    text = text.strip().replace(",", "").replace("$", "")
-    return text.rstrip(".")
+def regex_extract(pattern: re.Pattern, text: str, which: int) -> str:
+    """lm-eval RegexFilter on one response: the `which`-th findall match, or FALLBACK."""
+    matches = pattern.findall(text)
+    if not matches:
+        return FALLBACK
+    match = matches[which]
+    if isinstance(match, tuple):
+        match = next((group for group in match if group), FALLBACK)
+    return match.strip()
 
 
-def extract_strict(output: str) -> str | None:
-    match = _STRICT.search(output)
-    return normalize_number(match.group(1)) if match else None
+def extract_strict(output: str) -> str:
+    return regex_extract(STRICT_PATTERN, output, 0)
 
 
-def extract_flexible(output: str) -> str | None:
-    numbers = [normalize_number(n) for n in _NUMBER.findall(output)]
-    numbers = [n for n in numbers if n not in ("", "-")]
-    return numbers[-1] if numbers else None
+def extract_flexible(output: str) -> str:
+    return regex_extract(FLEXIBLE_PATTERN, output, -1)
 
 
-def gold_answer(row: dict) -> str:
-    return normalize_number(row["answer"].split("####")[-1])
+def comparable(text: str) -> str:
+    """What lm-eval's gsm8k exact_match compares: ignored patterns removed, then lower case."""
+    for pattern in IGNORED_PATTERNS:
+        text = pattern.sub("", text)
+    return text.lower()
 
 
-def same_number(predicted: str | None, gold: str) -> bool:
-    """Exact match on the normalised strings, also accepting 18.0 for 18."""
-    if predicted is None:
-        return False
-    if predicted == gold:
-        return True
-    try:
-        return float(predicted) == float(gold)
-    except ValueError:
-        return False
+def exact_match(prediction: str, reference: str) -> bool:
+    return comparable(prediction) == comparable(reference)
+
+
+def decimal_value(text: str) -> Decimal | None:
+    """The number a comparable string spells, or None (only plain decimals, no exponents)."""
+    return Decimal(text) if _DECIMAL.fullmatch(text) else None
+
+
+def same_number(prediction: str, reference: str) -> bool:
+    """Numeric equivalence (NOT lm-eval): 18.00, 018 and 18. all equal 18; -0 equals 0."""
+    predicted, gold = decimal_value(comparable(prediction)), decimal_value(comparable(reference))
+    return predicted is not None and predicted == gold
 
 
 class Gsm8k(Task):
@@ -64,6 +97,9 @@ class Gsm8k(Task):
     primary_metric = "exact_match_flexible"
     chance = 0.0
     stop_strings = STOP_STRINGS
+    generation_metrics = {"exact_match_strict": "correct_strict",
+                          "exact_match_flexible": "correct_flexible",
+                          "exact_match_numeric": "correct_numeric"}
 
     def prompt(self, row: dict) -> str:
         return f"Question: {row['question'].strip()}\nAnswer:"
@@ -71,8 +107,21 @@ class Gsm8k(Task):
     def target(self, row: dict) -> str:
         return " " + _CALCULATOR.sub("", row["answer"]).strip()
 
+    def reference_answer(self, row: dict) -> str:
+        """The gold final answer as lm-eval's exact_match sees it (e.g. "1000" for "#### 1,000")."""
+        return comparable(row["answer"])
+
+    def score_output(self, output: str, row: dict) -> dict:
+        strict, flexible = extract_strict(output), extract_flexible(output)
+        return {"strict": strict, "flexible": flexible,
+                "correct_strict": exact_match(strict, row["answer"]),
+                "correct_flexible": exact_match(flexible, row["answer"]),
+                "correct_numeric": same_number(flexible, row["answer"])}
+
     def check_row(self, row: dict) -> str | None:
         problem = super().check_row(row)
-        if problem is None and "####" not in row["answer"]:
+        # lm-eval reduces the reference to its answer by deleting through "#### " (with the
+        # space); without it the whole solution would be the gold answer, never matched.
+        if problem is None and "#### " not in row["answer"]:
             problem = "answer has no '#### <number>' final line"
         return problem
