@@ -1,7 +1,8 @@
 """Time merge_modules for every registered method on adapters shaped like SmolLM2-135M's.
 
 Two synthetic adapters (seeded), 30 layers × q_proj (576 → 576) and v_proj (576 → 192),
-r = 16, lora_alpha = 32; each method runs with its default parameters, median of 3 runs.
+r = 16, lora_alpha = 32; each method runs with its default parameters, and core_space also
+with each of its other inner merges; median of 3 runs.
 
     python benchmarks/bench_merge.py [--out benchmarks/results/merge_timing.json] [--repeats 3]
 """
@@ -20,6 +21,7 @@ import torch
 from threadpoolctl import threadpool_limits  # installed with scikit-learn, a dependency
 
 from loracombench.merging import METHODS, merge_modules
+from loracombench.merging.core_space import INNER_METHODS
 from loracombench.merging.factors import LoraFactors
 
 LAYERS = 30
@@ -48,11 +50,20 @@ def synthetic_modules(adapters: int = 2, seed: int = 0) -> dict[str, list[LoraFa
     return {name: [adapter[name] for adapter in built] for name in built[0]}
 
 
-def time_method(name: str, modules: dict, repeats: int) -> float:
+def cases() -> dict[str, tuple[str, dict]]:
+    """Row label -> (method, params): every method at its defaults, core_space with every inner merge."""
+    rows = {name: (name, {}) for name in METHODS}
+    default_inner = next(p.default for p in METHODS["core_space"].params if p.name == "merge")
+    rows.update({f"core_space(merge={inner})": ("core_space", {"merge": inner})
+                 for inner in INNER_METHODS if inner != default_inner})
+    return rows
+
+
+def time_method(name: str, params: dict, modules: dict, repeats: int) -> float:
     durations = []
     for _ in range(repeats):
         start = time.perf_counter()
-        merge_modules(name, modules)
+        merge_modules(name, modules, params=params)
         durations.append(time.perf_counter() - start)
     return statistics.median(durations)
 
@@ -81,10 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     modules = synthetic_modules()
     with threadpool_limits(limits=args.threads):
-        seconds = {name: time_method(name, modules, args.repeats) for name in METHODS}
-    print(f"{'method':<18}{'seconds':>10}")
+        seconds = {label: time_method(name, params, modules, args.repeats)
+                   for label, (name, params) in cases().items()}
+    print(f"{'method':<26}{'seconds':>10}")
     for name, value in seconds.items():
-        print(f"{name:<18}{value:>10.3f}")
+        print(f"{name:<26}{value:>10.3f}")
     payload = {
         "setup": {"layers": LAYERS, "modules": len(modules), "adapters": 2, "rank": RANK, "lora_alpha": ALPHA,
                   "shapes_out_in": {"q_proj": [HIDDEN, HIDDEN], "v_proj": [KV_OUT, HIDDEN]},

@@ -37,7 +37,19 @@ def lossless_params(method: str) -> dict:
     return {"density": 1.0} if any(p.name == "density" for p in METHODS[method].params) else {}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+# Iso-C and Iso-CTS flatten the spectrum of whatever they merge, one adapter included, so they
+# cannot give it back; test_merging_singular.py checks what they give instead.
+RESHAPE_THE_SPECTRUM = {"iso_c", "iso_cts"}
+
+
+def single_adapter_result(method: str, adapter: LoraFactors, weight: float, params: dict) -> torch.Tensor:
+    """What `method` makes of one adapter at `weight`: the scaled update, unless it reshapes the spectrum."""
+    if method in RESHAPE_THE_SPECTRUM:
+        return merged_update(method, [adapter], [weight], params)
+    return weight * adapter.delta_weight()
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - RESHAPE_THE_SPECTRUM))
 def test_one_adapter_at_weight_one_comes_back_unchanged(method):
     # scale 2 = lora_alpha 32 / r 16; rectangular so that in/out mix-ups show.
     modules = {"q": [factors(3, 7, 5, seed=1)], "v": [factors(3, 7, 4, seed=2)]}
@@ -50,9 +62,11 @@ def test_one_adapter_at_weight_one_comes_back_unchanged(method):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_identical_adapters_average_or_add(method):
-    adapter = factors(3, 6, 5, seed=3)
-    expected = adapter.delta_weight() * (1 if METHODS[method].averages else 2)
-    actual = merged_update(method, [adapter, adapter], [1.0, 1.0], lossless_params(method))
+    # Rank 2 <= ⌊min(6, 5)/2⌋, so TSV's per-task limit keeps every component of both.
+    adapter = factors(2, 6, 5, seed=3)
+    params = lossless_params(method)
+    expected = single_adapter_result(method, adapter, 1.0 if METHODS[method].averages else 2.0, params)
+    actual = merged_update(method, [adapter, adapter], [1.0, 1.0], params)
     assert relative_error(actual, expected) <= 1e-5
 
 

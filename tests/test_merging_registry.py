@@ -12,7 +12,7 @@ from loracombench.merging import METHODS, MergeError, get_method, merge_modules,
 from loracombench.merging.factors import LoraFactors
 
 EXPECTED_METHODS = {"average", "task_arithmetic", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune",
-                    "knots", "tucker"}
+                    "knots", "tucker", "tsv", "iso_c", "iso_cts", "core_space"}
 
 
 def factors(rank: int = 2, in_features: int = 5, out_features: int = 4, scale: float = 2.0, seed: int = 0):
@@ -88,6 +88,13 @@ def test_unknown_param_names_the_valid_ones():
     ("tucker", {"merge": "ta"}),
     ("tucker", {"rank_in": -2}),
     ("dare_ties", {"seed": -1}),
+    ("core_space", {"merge": "dare"}),
+    ("core_space", {"density": 0}),
+    ("tsv", {"fraction": 0}),
+    ("tsv", {"fraction": 1.5}),
+    ("iso_c", {"lam": "inf"}),
+    ("iso_cts", {"common_fraction": -0.1}),
+    ("iso_cts", {"common_fraction": 1.5}),
     ("average", {"normalize": "maybe"}),
     ("average", {"normalize": 1}),
 ])

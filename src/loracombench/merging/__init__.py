@@ -25,6 +25,9 @@ from loracombench.merging import (  # noqa: E402,F401  isort: skip
     magnitude_prune,
     knots,
     tucker,
+    tsv,
+    iso,
+    core_space,
 )
 from loracombench.merging.merge import merge_modules
 

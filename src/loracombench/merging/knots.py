@@ -22,7 +22,7 @@ import torch
 
 from loracombench.merging import params as shared
 from loracombench.merging.factors import LoraFactors
-from loracombench.merging.ops import svd_of_product
+from loracombench.merging.ops import significant, svd_of_product
 from loracombench.merging.registry import MergeMethod, register
 from loracombench.merging.ties import ties_combine
 
@@ -34,7 +34,7 @@ def shared_basis(factors: list[LoraFactors]) -> tuple[torch.Tensor, torch.Tensor
     folded = [f.folded() for f in factors]
     u, s, vh = svd_of_product(torch.cat([f.lora_B for f in folded], dim=1),
                               torch.block_diag(*[f.lora_A for f in folded]))
-    keep = s > s[0] * max(vh.shape) * torch.finfo(s.dtype).eps
+    keep = significant(s, s[0], max(vh.shape))
     keep[0] = True  # an all-zero module still gives a (zero) rank-1 adapter rather than rank 0
     u, s, vh = u[:, keep], s[keep], vh[keep]
     in_features = factors[0].lora_A.shape[1]

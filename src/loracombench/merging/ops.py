@@ -75,12 +75,53 @@ def random_drop(tensor: torch.Tensor, density: float, generator: torch.Generator
 def svd_of_product(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD (U, S, Vh) of left @ right without forming it.
 
-    left is (m, k) and right (k, n) with k small: one QR of `left` and an SVD of a k-row matrix
-    give the exact decomposition, at most min(m, k, n) singular values.
+    left is (m, k) and right (k, n) with k small: a QR of `left`, one of `right`ᵀ and the SVD of
+    the small product of their R factors give the exact decomposition, at most min(m, k, n)
+    singular values. (Both QRs: LAPACK's SVD of a wide k × n matrix costs several times a QR.)
     """
-    q, r = torch.linalg.qr(left)
-    u, s, vh = torch.linalg.svd(r @ right, full_matrices=False)
-    return q @ u, s, vh
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    return q_left @ u, s, vh @ q_right.T
+
+
+def significant(singular: torch.Tensor, scale: float | torch.Tensor | None, size: int) -> torch.Tensor:
+    """Mask of the singular values above rounding noise: larger than scale·size·eps.
+
+    `scale` is the size of what was decomposed (default: its largest singular value, 0 when there
+    is none) and `size` its largest dimension. The singular vectors of the values below are
+    arbitrary, so the methods that build on singular vectors drop them.
+    """
+    if scale is None:
+        scale = singular[0] if singular.numel() else 0.0
+    return singular > float(scale) * size * torch.finfo(singular.dtype).eps
+
+
+def drop_negligible(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, size: int,
+                    scale: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD (u, s, vh) without its components below significant()."""
+    keep = significant(s, scale, size)
+    return u[:, keep], s[keep], vh[keep]
+
+
+def polar_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal (Procrustes) factor P·Qᵀ of matrix = P·Σ·Qᵀ: the matrix with orthonormal
+    columns (or rows, if wide) nearest to `matrix` in Frobenius norm.
+
+    Directions with numerically zero singular values are left out (a partial isometry), because
+    their P and Q are arbitrary: for full-rank input this is the usual polar factor, for
+    rank-deficient input the unique one that adds no direction the input lacks.
+    """
+    wide = matrix.shape[0] < matrix.shape[1]
+    tall = matrix.T if wide else matrix  # LAPACK decomposes tall matrices faster
+    p, _, qh = drop_negligible(*torch.linalg.svd(tall, full_matrices=False), max(matrix.shape))
+    return (p @ qh).T if wide else p @ qh
+
+
+def zero_update(out_features: int, in_features: int) -> LoraFactors:
+    """A zero update stored as rank-1 factors (PEFT has no rank-0 adapter)."""
+    return LoraFactors(torch.zeros(1, in_features, dtype=torch.float64),
+                       torch.zeros(out_features, 1, dtype=torch.float64), 1.0)
 
 
 def truncated_svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

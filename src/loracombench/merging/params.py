@@ -30,6 +30,10 @@ def seed() -> Param:
     return Param("seed", 0, int, "seed of the random drop masks", _check_seed)
 
 
+def fraction(name: str, default: float, help: str, *, zero_allowed: bool = False) -> Param:
+    return Param(name, default, float, help, _check_closed_fraction if zero_allowed else _check_density)
+
+
 def choice(name: str, default: str, options: tuple[str, ...], help: str) -> Param:
     def check(value: object) -> str | None:
         return None if value in options else f"must be one of {', '.join(options)}"
@@ -39,6 +43,10 @@ def choice(name: str, default: str, options: tuple[str, ...], help: str) -> Para
 
 def _check_density(value: float) -> str | None:
     return None if 0.0 < value <= 1.0 else "must be in (0, 1]"
+
+
+def _check_closed_fraction(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must be in [0, 1]"
 
 
 def _check_rank(value: int) -> str | None:

@@ -32,7 +32,8 @@ class MergeMethod:
     float64 LoraFactors in adapter order (an adapter lacking the module is a rank-0 zero update),
     `params` is resolved by parse_params, and `module` is the module's name (random methods seed
     per module with it). `averages` describes the default parameters: True when two identical
-    adapters at weights (1, 1) give that adapter back, False when they give its double.
+    adapters at weights (1, 1) give what that adapter gives alone at weight 1 (for most methods
+    the adapter itself), False when they give what it gives alone at weight 2.
     """
 
     name: str
