@@ -127,3 +127,38 @@ def test_diagnose_writes_json_and_plot(tmp_path, two_adapters):
     assert -1 <= result["overall"]["cosine"]["0-1"] <= 1 and 0 <= result["overall"]["sign_conflict"]["0-1"] <= 1
     assert (out / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["diagnose", "--adapters", str(two_adapters[0]), "--out", str(tmp_path / "one")]) == 2
+
+
+def _dense_update(method: str, factors: list, module: str) -> torch.Tensor:
+    """The method's merged ΔW from its dense definition, with no factor storage involved."""
+    from loracombench.merging import METHODS, parse_params
+    from loracombench.merging.dare import dropped_updates
+    from loracombench.merging.dense import weighted_updates
+    from loracombench.merging.ops import sign_consensus_mean, trim_by_magnitude
+    from loracombench.merging.ties import ties_combine
+
+    params = parse_params(METHODS[method], {})
+    factors = [f.__class__(f.lora_A.double(), f.lora_B.double(), f.scale) for f in factors]
+    if method == "ties":
+        return params["lam"] * ties_combine(weighted_updates(factors, [1.0, 1.0]), params["density"], "sum")
+    if method == "dare_ties":
+        return sign_consensus_mean(dropped_updates(factors, [1.0, 1.0], params, module), "sum")
+    return trim_by_magnitude(weighted_updates(factors, [1.0, 1.0]).sum(dim=0), params["density"])
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune"])
+def test_an_exact_dense_merge_on_the_base_gives_the_logits_of_base_plus_its_dense_update(tmp_path, two_adapters, method):
+    out = tmp_path / method
+    assert main(["merge", "--method", method, "--adapters", *map(str, two_adapters), "--out", str(out)]) == 0
+    inputs = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        merged_logits = adapters.apply_adapter(load_model("tiny-llama"), out)(input_ids=inputs).logits
+    sources = [adapters.read_adapter(p) for p in two_adapters]
+    base = load_model("tiny-llama").model
+    with torch.no_grad():
+        for module in sources[0].factors:
+            delta = _dense_update(method, [s.factors[module] for s in sources], module)
+            assert torch.linalg.matrix_rank(delta) > 8  # beyond Σ rᵢ: a low-rank store would lose it
+            base.get_submodule(module).weight += delta.to(torch.float32)
+        expected = base(input_ids=inputs).logits
+    torch.testing.assert_close(merged_logits, expected, atol=1e-5, rtol=1e-5)

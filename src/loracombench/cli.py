@@ -162,6 +162,42 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _sweep_config(args):
+    from .config import load_config
+
+    overrides = {"data_dir": str(args.data_dir)} if args.data_dir else {}
+    return load_config(args.config, overrides)
+
+
+def _validation_sizes(args, config) -> dict:
+    return {task: args.n_validation for task in config.tasks}
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import sweep_learning_rates
+
+    config = _sweep_config(args)
+    if args.tasks:
+        config = config.model_copy(update={"tasks": args.tasks})
+    out = Path(args.out or Path("runs") / f"{config.name}-lr-sweep")
+    summary = sweep_learning_rates(config, args.learning_rates, out, _validation_sizes(args, config))
+    print((out / "sweep.md").read_text())
+    for task, result in summary["tasks"].items():
+        print(f"{task}: best learning rate on validation {result['best_learning_rate']:g}")
+    return 0
+
+
+def cmd_verbalizers(args) -> int:
+    from .sweep import compare_verbalizers
+
+    config = _sweep_config(args)
+    candidates = [tuple(label.strip() for label in text.split(",")) for text in args.candidates]
+    out = Path(args.out or Path("runs") / f"{config.name}-verbalizers")
+    compare_verbalizers(config, args.task, candidates, args.n_validation, out)
+    print((out / "verbalizers.md").read_text())
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import build_report
 
@@ -259,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="choose each task's learning rate on validation data (never test)")
+    p.add_argument("--config", default=None, help="preset name or YAML file; everything but the rate is kept")
+    p.add_argument("--learning-rates", nargs="+", type=float, required=True, metavar="LR")
+    p.add_argument("--tasks", nargs="+", default=None, help="default: the config's tasks")
+    p.add_argument("--n-validation", type=int, default=None,
+                   help="validation rows per task (default: all; GSM8K: train rows outside the training sample)")
+    _add_data_arg(p)
+    p.add_argument("--out", type=Path, default=None, help="sweep folder (default runs/<config name>-lr-sweep)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("verbalizers", help="base-model validation scores of candidate label words")
+    p.add_argument("--config", default=None, help="preset name or YAML file (model, data)")
+    p.add_argument("--task", default="ag_news")
+    p.add_argument("--candidates", nargs="+", required=True, metavar="A,B,C,D",
+                   help="label sets, comma-separated, in the task's label order")
+    p.add_argument("--n-validation", type=int, default=None, help="validation rows (default: all)")
+    _add_data_arg(p)
+    p.add_argument("--out", type=Path, default=None, help="folder (default runs/<config name>-verbalizers)")
+    p.set_defaults(func=cmd_verbalizers)
 
     p = sub.add_parser("report", help="rebuild results.csv/.md/.png of a run folder from its result files")
     p.add_argument("run_dir", type=Path)

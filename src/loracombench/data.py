@@ -133,6 +133,24 @@ def load_sample(task: Task | str, split: str, n: int | None, seed: int, data_dir
     return subsample(load_split(task, split, data_dir), n, seed, task)
 
 
+def validation_sample(task: Task | str, n: int | None, seed: int, data_dir, training_rows: list[dict]) -> list[dict]:
+    """Rows for choosing settings, never test rows: the task's validation split where its source
+    has one, else rows of its train split that are outside the training sample."""
+    task = get_task(task) if isinstance(task, str) else task
+    splits = task.splits if resolve_data_dir(data_dir) else task.hub_splits
+    if "validation" in splits:
+        return load_sample(task, "validation", n, seed, data_dir)
+    used = {_row_key(row) for row in training_rows}
+    held_out = [row for row in load_split(task, "train", data_dir) if _row_key(row) not in used]
+    if not held_out:
+        raise DataError(f"{task.name}: the training sample uses the whole train split; no rows are left for validation")
+    return subsample(held_out, n, seed, task)
+
+
+def _row_key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True)
+
+
 def describe(data_dir: str | Path | None = None) -> list[dict]:
     """One entry per task and split: size and source, for `loracombench data`."""
     folder = resolve_data_dir(data_dir)

@@ -117,7 +117,7 @@ class Experiment:
         key = stable_hash({"model": entry.key, "base": fingerprint, "task": task, "data": self.data_source,
                            "eval": eval_config.__dict__})
         folder = self.out / "eval" / entry.slug / task
-        if _cached_result_key(folder) == key:
+        if cached_result_key(folder) == key:
             log(f"eval {entry.slug} on {task}: cached")
             return
         log(f"eval {entry.slug} on {task}")
@@ -141,7 +141,7 @@ class Experiment:
             key = stable_hash({"baselines": task, "data": self.data_source, "n_train": self.config.n_train[task],
                                "data_seed": self.config.data_seed, "eval": eval_config.__dict__})
             folders = self._baseline_folders(task)
-            if folders and all(_cached_result_key(f) == key for f in folders.values()):
+            if folders and all(cached_result_key(f) == key for f in folders.values()):
                 log(f"baselines on {task}: cached")
                 continue
             if task not in rows_cache:
@@ -184,7 +184,7 @@ class Experiment:
         return build_report(self.out)
 
 
-def _cached_result_key(folder: Path) -> str | None:
+def cached_result_key(folder: Path) -> str | None:
     try:
         return metrics.read_result(folder)["model"].get("cell_key")
     except (OSError, ValueError, KeyError):

@@ -21,22 +21,27 @@ class AgNews(Task):
     fields = {"text": str, "label": int}
     kind = "multiple_choice"
     primary_metric = "accuracy"
+    # What the learning-rate sweep maximises on validation data.
+    selection_metric = ("accuracy", True)
     chance = 1 / len(LABELS)
     labels = LABELS
     # The label is scored as a continuation, never generated: an EOS after it would only spend
     # the small training budget on a token the evaluation never reads.
     target_ends_with_eos = False
 
+    def __init__(self, labels: tuple[str, ...] = LABELS):
+        if len(labels) != len(LABELS) or len(set(labels)) != len(labels):
+            raise ValueError(f"AG News needs {len(LABELS)} distinct labels, got {labels}")
+        self.labels = tuple(labels)
+
     def prompt(self, row: dict) -> str:
-        return (
-            "Classify the news article as World, Sports, Business or Sci/Tech.\n\n"
-            f"Article: {row['text'].strip()}\nTopic:"
-        )
+        listed = ", ".join(self.labels[:-1]) + f" or {self.labels[-1]}"
+        return f"Classify the news article as {listed}.\n\nArticle: {row['text'].strip()}\nTopic:"
 
     def choices(self, row: dict) -> list[str]:
         # Scored after choice_delimiter (a space): the prompt ends in "Topic:" and BPE
         # vocabularies attach the space to the word that follows.
-        return list(LABELS)
+        return list(self.labels)
 
     def gold_index(self, row: dict) -> int:
         return row["label"]
@@ -46,8 +51,8 @@ class AgNews(Task):
 
     def check_row(self, row: dict) -> str | None:
         problem = super().check_row(row)
-        if problem is None and not 0 <= row["label"] < len(LABELS):
-            problem = f"label {row['label']} out of range 0..{len(LABELS) - 1}"
+        if problem is None and not 0 <= row["label"] < len(self.labels):
+            problem = f"label {row['label']} out of range 0..{len(self.labels) - 1}"
         return problem
 
     def stratum(self, row: dict) -> object:

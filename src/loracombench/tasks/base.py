@@ -20,6 +20,8 @@ class Task(ABC):
     # "multiple_choice": log-likelihood of each choice; "generation": greedy decoding + extraction.
     kind: ClassVar[str]
     primary_metric: ClassVar[str]
+    # (metric, higher is better): what choosing settings on validation data optimises.
+    selection_metric: ClassVar[tuple[str, bool]]
     chance: ClassVar[float]
     # Multiple choice: what separates the prompt from a choice (lm-eval's target_delimiter); it is
     # scored with the choice but not counted in acc_norm's per-character normalisation.
