@@ -55,7 +55,7 @@ def cmd_train(args) -> int:
     config = TrainSettings(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                            target_modules=args.target_modules, learning_rate=args.lr, epochs=args.epochs,
                            batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-                           seed=args.seed)
+                           seed=args.seed, checkpoint_every=args.checkpoint_every)
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     out = args.out or Path("models") / task.name
     meta = train_adapter(loaded, task, rows, config, out, args.device,
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=t.grad_accum)
     p.add_argument("--max-length", type=int, default=t.max_length, help="tokens per example (cut on the right)")
     p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
+                   help="optimizer steps between checkpoints in OUT.checkpoint/, from which a rerun resumes (0: none)")
     p.add_argument("--out", type=Path, default=None, help="adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 

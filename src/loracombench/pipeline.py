@@ -70,7 +70,7 @@ class Experiment:
         settings = self.config.train.model_copy(update={"seed": seed})
         key = stable_hash({"base": fingerprint, "task": task, "n": self.config.n_train[task],
                            "data_seed": self.config.data_seed, "data": self.data_source,
-                           "train": settings.model_dump()})
+                           "train": settings.result_settings()})
         folder = self.out / "adapters" / f"seed{seed}" / task
         if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
             log(f"train {task}: cached in {folder}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from tqdm.auto import tqdm
 
 from . import adapters, io
 from .batching import left_pad, length_grouped_batches
-from .config import TrainSettings
+from .checkpoint import Checkpoints, Progress
+from .config import TrainSettings, stable_hash
 from .models import LoadedModel, autocast, pick_device, target_modules_for
 from .tasks import Task
 
@@ -94,7 +96,11 @@ def init_lora(model, config: TrainSettings, task_name: str):
 def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: TrainSettings, out_dir: str | Path,
                   device: str = "auto",
                   progress: bool = True, extra_metadata: dict | None = None) -> dict:
-    """Train one LoRA adapter and save it (PEFT format + metadata + loss curve) to out_dir."""
+    """Train one LoRA adapter and save it (PEFT format + metadata + loss curve) to out_dir.
+
+    Every config.checkpoint_every steps the whole training state is checkpointed beside out_dir;
+    a rerun of the same run resumes from the latest checkpoint, and the checkpoint goes once the
+    adapter is saved."""
     tokenizer = loaded.tokenizer
     examples = [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length, task.target_ends_with_eos)
                 for r in rows]
@@ -110,42 +116,67 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     steps = plan_steps(kept, config)
     # Linear decay to zero without warm-up, as transformers' Trainer does by default.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(steps))
-    curve, started = [], time.time()
-    bar = tqdm(total=len(steps), desc=f"train {task.name}", disable=not progress)
+    checkpoints = Checkpoints(out_dir, run_key(loaded, task, len(rows), kept, config, device), config.checkpoint_every)
+    resumed = checkpoints.restore(model, optimizer, schedule)
+    done = resumed or Progress(step=0, curve=[], train_time_s=0.0)
+    if resumed:
+        print(f"train {task.name}: resuming at step {resumed.step} of {len(steps)} from {checkpoints.root}",
+              file=sys.stderr, flush=True)
+    curve, started = done.curve, time.time()
+    bar = tqdm(total=len(steps), initial=done.step, desc=f"train {task.name}", disable=not progress)
     model.train()
-    for epoch, step in steps:
-        n_target = sum(sum(label != IGNORE_INDEX for label in kept[i].labels) for chunk in step for i in chunk)
-        loss_sum = 0.0
-        for chunk in step:
-            batch = collate([kept[i] for i in chunk], tokenizer.pad_token_id, device)
-            # Divided by the whole update's token count, so that gradient accumulation
-            # gives the same step as one large batch.
-            loss = batch_loss_sum(model, batch, device) / n_target
-            loss.backward()
-            loss_sum += loss.item()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+    for epoch, step in steps[done.step:]:
+        loss_sum = optimizer_step(model, optimizer, schedule, [[kept[i] for i in chunk] for chunk in step],
+                                  tokenizer.pad_token_id, device)
         curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum, "lr": schedule.get_last_lr()[0]})
+        checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
+                         model, optimizer, schedule)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}")
     bar.close()
     model.eval()
-    elapsed = time.time() - started
+    elapsed = done.train_time_s + time.time() - started
     metadata = {
         "kind": "trained", "task": task.name, "base_model": loaded.fingerprint,
         "config": config.model_dump(), "seed": config.seed,
         "init_seed": lora_init_seed(config, task.name), "n_train": len(rows),
         "n_used": len(kept), "n_truncated": sum(len(e.input_ids) == config.max_length for e in kept),
         "train_time_s": round(elapsed, 2), "steps": len(curve),
-        "final_loss": curve[-1]["loss"], "device": str(device), **(extra_metadata or {}),
+        "final_loss": curve[-1]["loss"], "device": str(device),
+        "resumed_from_step": resumed.step if resumed else None, **(extra_metadata or {}),
     }
     model.peft_config["default"].base_model_name_or_path = loaded.path
     adapters.save_peft_model(model, out_dir, metadata, extra_files={
         "loss_curve.json": lambda path: io.write_json(path, curve),
         "loss_curve.png": lambda path: plot_loss_curve(curve, task.name, path),
     })
+    checkpoints.discard()
     return metadata
+
+
+def optimizer_step(model, optimizer, schedule, micro_batches: list[list[Example]], pad_id: int, device) -> float:
+    """One update from its micro-batches; returns the update's mean target-token loss."""
+    n_target = sum(sum(label != IGNORE_INDEX for label in e.labels) for batch in micro_batches for e in batch)
+    loss_sum = 0.0
+    for examples in micro_batches:
+        batch = collate(examples, pad_id, device)
+        # Divided by the whole update's token count, so that gradient accumulation
+        # gives the same step as one large batch.
+        loss = batch_loss_sum(model, batch, device) / n_target
+        loss.backward()
+        loss_sum += loss.item()
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
+
+
+def run_key(loaded: LoadedModel, task: Task, n_rows: int, kept: list[Example], config: TrainSettings,
+            device: torch.device) -> str:
+    """Everything that decides this run's steps: only a checkpoint with this key is resumed."""
+    return stable_hash({"base": loaded.fingerprint, "task": task.name, "n_train": n_rows,
+                        "examples": [[e.input_ids, e.labels] for e in kept],
+                        "train": config.result_settings(), "device": device.type})
 
 
 def plan_steps(kept: list[Example], config: TrainSettings) -> list[tuple[int, list[list[int]]]]:

@@ -1,0 +1,153 @@
+"""Resumable training: the trainer's whole state every N optimizer steps, so that a killed run
+continues from its last checkpoint and, on CPU, ends with the same bytes as an uninterrupted one.
+
+A run's checkpoints live beside its output folder (which appears only once complete), in
+`<out_dir>.checkpoint/step_NNNNNNNN/`. Each step folder is written atomically under a new name, so
+a kill at any moment leaves the previous checkpoint, the new one complete, or both (the next start
+keeps the newest of its run). Weights are safetensors; optimizer, scheduler and RNG states are
+tensors and plain values, saved with torch.save and read back with weights_only=True, which
+refuses anything but data: no pickled code is ever run.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import io
+
+WEIGHTS_FILE = "lora.safetensors"
+STATE_FILE = "trainer_state.pt"
+PROGRESS_FILE = "progress.json"
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir).resolve()  # "." or "x/.." still name a folder with a parent
+    return out_dir.parent / f"{out_dir.name}.checkpoint"
+
+
+@dataclass
+class Progress:
+    """Where a resumed run stands. The step plan is fixed by the seed, so the number of optimizer
+    steps done is also the position in the data."""
+
+    step: int
+    curve: list[dict]
+    train_time_s: float
+
+
+class Checkpoints:
+    """The checkpoints of one training run, identified by `run_key` (everything that decides its
+    steps): another run's checkpoint in the same place is removed, never resumed."""
+
+    def __init__(self, out_dir: str | Path, run_key: str, every: int):
+        self.root = checkpoint_dir(out_dir)
+        self.run_key = run_key
+        self.every = every
+
+    def restore(self, model, optimizer, schedule) -> Progress | None:
+        """Load this run's latest checkpoint into the trainer and return its progress; None (and
+        nothing changed) when there is none. Everything else in the checkpoint folder goes: other
+        runs' checkpoints, older steps, staging folders of killed saves."""
+        latest = self._latest()
+        self._remove_all_but(latest)
+        if latest is None:
+            return None
+        try:
+            weights, state, progress = _read(latest, model)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, pickle.UnpicklingError) as err:
+            print(f"warning: unreadable training checkpoint {latest} ({err}); training from the start",
+                  file=sys.stderr, flush=True)
+            self.discard()
+            return None
+        with torch.no_grad():
+            for name, param in _trainable(model).items():
+                param.copy_(weights[name])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        _set_rng_states(state["rng"])
+        return progress
+
+    def save(self, progress: Progress, total_steps: int, model, optimizer, schedule) -> None:
+        """Checkpoint every `every` steps (0: never); not after the last step, whose adapter is
+        saved next anyway."""
+        if not self.every or progress.step % self.every or progress.step >= total_steps:
+            return
+        folder = self.root / f"step_{progress.step:08d}"
+        with io.atomic_dir(folder) as staging:
+            save_file({name: p.detach().cpu().contiguous() for name, p in _trainable(model).items()},
+                      staging / WEIGHTS_FILE)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                        "rng": _rng_states()}, staging / STATE_FILE)
+            io.write_json(staging / PROGRESS_FILE, {"run_key": self.run_key, "step": progress.step,
+                                                    "train_time_s": progress.train_time_s,
+                                                    "loss_curve": progress.curve})
+        self._remove_all_but(folder)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _latest(self) -> Path | None:
+        for folder in sorted(self.root.glob("step_*"), reverse=True):
+            try:
+                if io.read_json(folder / PROGRESS_FILE).get("run_key") == self.run_key:
+                    return folder
+            except (OSError, ValueError, AttributeError):
+                continue
+        return None
+
+    def _remove_all_but(self, keep: Path | None) -> None:
+        if keep is None:
+            self.discard()
+            return
+        for entry in self.root.iterdir():
+            if entry == keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _read(folder: Path, model) -> tuple[dict, dict, Progress]:
+    """Everything a checkpoint holds, checked against the model before anything is applied, so
+    that a damaged checkpoint leaves the trainer untouched."""
+    raw = io.read_json(folder / PROGRESS_FILE)
+    progress = Progress(int(raw["step"]), list(raw["loss_curve"]), float(raw["train_time_s"]))
+    if len(progress.curve) != progress.step:
+        raise ValueError(f"{len(progress.curve)} loss values for {progress.step} steps")
+    weights = load_file(folder / WEIGHTS_FILE)
+    expected = {name: tuple(p.shape) for name, p in _trainable(model).items()}
+    if {name: tuple(t.shape) for name, t in weights.items()} != expected:
+        raise ValueError("its LoRA weights do not match the model's")
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    if sum(len(group["params"]) for group in groups) != len(expected):
+        raise ValueError("its optimizer state is for another set of parameters")
+    return weights, state, progress
+
+
+def _rng_states() -> dict:
+    """Every random source a training step draws from: torch's (dropout masks) and Python's."""
+    return {"python": random.getstate(), "torch_cpu": torch.get_rng_state(),
+            "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch_cpu"])
+    if torch.cuda.is_available():
+        for index, cuda_state in enumerate(states["torch_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
