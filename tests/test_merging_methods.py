@@ -350,3 +350,8 @@ def test_truncated_tucker_matches_a_dense_hosvd():
     tucker_error = torch.sqrt(sum(torch.linalg.norm(u - project(u)) ** 2 for u in updates)
                               / sum(torch.linalg.norm(u) ** 2 for u in updates))
     assert details["tucker_relative_error"] == pytest.approx(float(tucker_error), rel=1e-6)
+    # The row's own compression error: against the same weighted sum at full Tucker rank.
+    full = sum(w * u for u, w in zip(updates, weights))
+    assert info["max_relative_error"] == pytest.approx(relative_error(expected, full), rel=1e-4)
+    _, lossless = merge_modules("tucker", {"m": adapters}, weights)
+    assert lossless["max_relative_error"] < 1e-6

@@ -16,7 +16,8 @@ A = U_inᵀ (rank k₂), whichever rank is smaller.
 rank_out = k₁ and rank_in = k₂ default to 0, meaning all min(out, Σ rᵢ) and min(in, Σ rᵢ)
 components: the decomposition is then lossless and merge=sum equals task arithmetic. Smaller
 ranks keep only the directions that carry most of the tasks' updates jointly. info records
-k₁, k₂ and the relative Frobenius error of the Tucker approximation of T. This is the one-pass
+k₁, k₂, the relative Frobenius error of the Tucker approximation of T, and relative_error: the
+merged update against the same merge at full rank, Σ cᵢΔWᵢ. This is the one-pass
 HOSVD, not the iterated optimum (HOOI). Each unfolding's singular vectors come from the factors
 (one QR and a small SVD, as in knots), never from the dense unfolding.
 """
@@ -60,8 +61,11 @@ def merge_tucker(factors: list[LoraFactors], weights: list[float], params: dict,
         merged = LoraFactors(u_in.T, u_out @ core, 1.0)
     updates = torch.stack([f.delta_weight() for f in folded])
     error = relative_residual(updates, u_out @ cores @ u_in.T)
+    # The merged update against the same core merge at full Tucker rank (Σ cᵢΔWᵢ): what the
+    # truncation costs this row, reported beside its score like any compressed merge.
+    exact = (coefficients[:, None, None] * updates).sum(dim=0)
     return merged, {"rank": merged.rank, "rank_out": u_out.shape[1], "rank_in": u_in.shape[1],
-                    "tucker_relative_error": error}
+                    "tucker_relative_error": error, "relative_error": relative_residual(exact, merged.delta_weight())}
 
 
 register(MergeMethod(
