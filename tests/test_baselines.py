@@ -12,6 +12,7 @@ from conftest import write_mirror as write_splits
 
 from loracombench import baselines, metrics
 from loracombench.data import DataError, load_sample, load_split
+from loracombench.tasks import get_task
 
 
 TOPIC_WORDS = {0: "election minister war", 1: "goal match season", 2: "stocks profit market",

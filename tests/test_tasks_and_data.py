@@ -24,8 +24,9 @@ def test_gsm8k_target_drops_calculator_annotations():
 def test_ag_news_choices_and_target():
     task = get_task("ag_news")
     row = {"text": "Stocks rally", "label": 3}
-    assert task.choices(row) == ["World", "Sports", "Business", "Sci/Tech"] and task.choice_delimiter == " "
-    assert task.target(row) == " Sci/Tech" and task.prompt(row).endswith("Topic:")
+    assert task.choices(row) == ["World", "Sports", "Business", "Technology"] and task.choice_delimiter == " "
+    assert task.target(row) == " Technology" and task.prompt(row).endswith("Topic:")
+    assert "as World, Sports, Business or Technology." in task.prompt(row)
     assert task.chance == 0.25
 
 

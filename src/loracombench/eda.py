@@ -236,7 +236,7 @@ def length_predicts_class(train: list[dict], test: list[dict], labels: tuple[str
 
 
 def ag_news_stats(task: Task, splits: dict[str, list[dict]]) -> dict:
-    labels = tuple(task.labels)
+    labels = tuple(task.class_names)
     per_split = {}
     for name, rows in splits.items():
         lengths = np.array([word_count(r["text"]) for r in rows])
@@ -431,7 +431,7 @@ def _fmt_prop(d: dict) -> str:
 
 
 def plot_ag_news(stats: dict, splits: dict[str, list[dict]], out_dir: Path) -> list[Path]:
-    labels = list(get_task("ag_news").labels)
+    labels = list(get_task("ag_news").class_names)
     paths = []
 
     # 1. class counts per split

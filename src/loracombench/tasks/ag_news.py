@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from .base import Task
 
-LABELS = ("World", "Sports", "Business", "Sci/Tech")
+# The dataset calls class 3 "Sci/Tech"; as a continuation that is three tokens for SmolLM2 and
+# GPT-2 alike, and summed log-likelihood then never picks it: the base model predicted it for 0 of
+# 200 validation articles. "Technology" is one token, and of the label sets compared on validation
+# (`loracombench verbalizers`, README) it gives the base model its best acc and acc_norm.
+DATASET_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+LABELS = ("World", "Sports", "Business", "Technology")
 
 
 class AgNews(Task):
     name = "ag_news"
-    description = "AG News: 4-way news topic classification (World, Sports, Business, Sci/Tech)"
+    description = "AG News: 4-way news topic classification (World, Sports, Business, Sci/Tech as 'Technology')"
     hub_path = "fancyzhx/ag_news"
     splits = ("train", "validation", "test")
     hub_splits = ("train", "test")
@@ -24,7 +29,8 @@ class AgNews(Task):
     # What the learning-rate sweep maximises on validation data.
     selection_metric = ("accuracy", True)
     chance = 1 / len(LABELS)
-    labels = LABELS
+    labels = LABELS  # the words scored and trained on
+    class_names = DATASET_LABELS  # what the dataset calls the classes (EDA)
     # The label is scored as a continuation, never generated: an EOS after it would only spend
     # the small training budget on a token the evaluation never reads.
     target_ends_with_eos = False
