@@ -57,7 +57,7 @@ def test_ag_news_baselines_on_separable_toy_data(fast_bootstrap):
     for name in ("multinomial_nb", "tfidf_logreg", "tfidf_linear_svm"):
         scores, predictions = results[name]
         assert scores["accuracy"]["value"] == 1.0, name
-        assert set(scores) == {"accuracy", "macro_f1"}
+        assert set(scores) == {"accuracy", "macro_f1"} | {f"recall_{label}" for label in get_task("ag_news").labels}
         assert predictions[0] == {"index": 0, "gold": 0, "prediction": 0, "correct": True,
                                   "gold_label": "World", "predicted_label": "World"}
 
