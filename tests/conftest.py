@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The test models are tiny: on 2 cores a second intra-op thread costs more in synchronisation than
+# it gains, and under any other load it spins (4-10x slower). Every test runs with this setting.
+torch.set_num_threads(1)
 
 MIRROR = Path(os.environ.get("LORACOMBENCH_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 HAVE_MIRROR = (MIRROR / "ag_news" / "train.jsonl").is_file() and (MIRROR / "gsm8k" / "train.jsonl").is_file()
