@@ -26,6 +26,7 @@ class AgNews(Task):
     # The label is scored as a continuation, never generated: an EOS after it would only spend
     # the small training budget on a token the evaluation never reads.
     target_ends_with_eos = False
+    version = 1
 
     def prompt(self, row: dict) -> str:
         return (

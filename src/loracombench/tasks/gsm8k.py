@@ -64,6 +64,7 @@ class Gsm8k(Task):
     primary_metric = "exact_match_flexible"
     chance = 0.0
     stop_strings = STOP_STRINGS
+    version = 1
 
     def prompt(self, row: dict) -> str:
         return f"Question: {row['question'].strip()}\nAnswer:"
