@@ -45,7 +45,11 @@ def run_subcommand(argv: list[str]) -> int:
 @pytest.fixture
 def small_mirror(tmp_path) -> Path:
     """A hand-made mirror: 4 balanced AG News classes, a few GSM8K problems."""
-    root = tmp_path / "mirror"
+    return make_small_mirror(tmp_path / "mirror")
+
+
+def make_small_mirror(root: Path) -> Path:
+    """The small_mirror fixture's folder, for fixtures of a wider scope."""
     for split, n in (("train", 6), ("validation", 2), ("test", 5)):
         write_jsonl(root / "ag_news" / f"{split}.jsonl",
                     [{"text": f"{TOPICS[y]} story {i}", "label": y} for i in range(n) for y in range(4)])

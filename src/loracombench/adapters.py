@@ -8,7 +8,6 @@ A saved adapter is a plain PEFT folder (adapter_config.json + adapter_model.safe
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -84,7 +83,9 @@ def read_config(path: str | Path) -> dict:
         raise AdapterError(f"{path} is not a PEFT adapter folder ({CONFIG_FILE} missing)")
     if not (path / WEIGHTS_FILE).is_file():
         raise AdapterError(f"{path}: {WEIGHTS_FILE} missing (only safetensors weights are loaded)")
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = io.read_json(path / CONFIG_FILE)
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path / CONFIG_FILE}: expected a JSON object (a PEFT adapter config)")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: a {config.get('peft_type')} adapter, not LoRA")
     if config.get("use_dora"):
@@ -92,10 +93,20 @@ def read_config(path: str | Path) -> dict:
     return config
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors; a truncated or garbage file raises one error that names it."""
+    file = path / WEIGHTS_FILE
+    try:
+        return load_file(file)
+    except Exception as err:  # safetensors raises its own types (SafetensorError, OSError, ...)
+        raise AdapterError(f"{file}: not a readable safetensors file ({str(err).splitlines()[0]}); "
+                           f"it is truncated or corrupt: recreate it (retrain or re-merge)") from None
+
+
 def read_adapter(path: str | Path) -> Adapter:
     path = Path(path)
     config = read_config(path)
-    tensors = load_file(path / WEIGHTS_FILE)
+    tensors = read_weights(path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _FACTOR_KEY.match(key.removeprefix(_PEFT_PREFIX))
@@ -177,7 +188,7 @@ def apply_adapter(loaded, path: str | Path):
     """Wrap a loaded base model with a saved adapter, after checking they belong together."""
     from peft import PeftModel
 
-    read_config(path)  # a LoRA adapter in safetensors, before PEFT reads anything
+    read_adapter(path)  # a readable LoRA adapter in safetensors, before PEFT reads anything
     check_adapter_base(path, loaded)
     return PeftModel.from_pretrained(loaded.model, str(path), is_trainable=False)
 

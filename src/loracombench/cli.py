@@ -1,13 +1,76 @@
-"""The `loracombench` command: one entry point, a subcommand per step, --help everywhere."""
+"""The `loracombench` command: one entry point, a subcommand per step, --help everywhere.
+
+Every user error ends the same way: exit status 2 and one line naming the flag, key or file,
+the rule and the valid values, with nothing written. Outputs never replace data they were not
+made for (see outputs.py); SIGTERM stops a command like Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
 from . import __version__
+
+SAMPLE_HELP = "a size larger than the split is an error"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line (exit status 2, as before)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def count(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it stops as after Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _local_path(name: str | None) -> Path | None:
+    """A --model that names a local folder is an input; a hub id or registered name is not."""
+    return Path(name) if name and Path(name).exists() else None
+
+
+def _data_input(data_dir) -> Path | None:
+    from .data import resolve_data_dir
+
+    return resolve_data_dir(data_dir)
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -50,14 +113,26 @@ def cmd_train(args) -> int:
     from .tasks import get_task
     from .training import train_adapter
 
+    from .config import ConfigError, flatten_validation_error
+    from .models import check_device
+    from .outputs import check_out
+    from pydantic import ValidationError
+
     task = get_task(args.task)
-    rows = load_sample(task, "train", args.n_train, args.data_seed, args.data_dir)
-    config = TrainSettings(r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                           target_modules=args.target_modules, learning_rate=args.lr, epochs=args.epochs,
-                           batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-                           seed=args.seed, checkpoint_every=args.checkpoint_every)
+    out = check_out(args.out or Path("models") / task.name, "adapter", overwrite=args.overwrite,
+                    inputs={"--data-dir": _data_input(args.data_dir), "--model": _local_path(args.model)})
+    check_device(args.device)
+    values = {"r": args.r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+              "target_modules": args.target_modules, "learning_rate": args.lr, "epochs": args.epochs,
+              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
+              "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+    try:
+        config = TrainSettings(**values)
+    except ValidationError as err:
+        flags = {name: "--" + name.replace("_", "-") for name in values} | {"learning_rate": "--lr"}
+        raise ConfigError(flatten_validation_error(err, names=flags)) from None
+    rows = load_sample(task, "train", args.n_train, args.data_seed, args.data_dir, what="--n-train")
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    out = args.out or Path("models") / task.name
     meta = train_adapter(loaded, task, rows, config, out, args.device,
                          extra_metadata={"data_seed": args.data_seed, "data": str(args.data_dir or "default")})
     print(f"saved adapter to {out} (final loss {meta['final_loss']:.4f}, {meta['train_time_s']:.0f} s)")
@@ -65,24 +140,30 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import adapters
+    from . import adapters, io
     from .data import load_sample
     from .evaluation import EvalConfig, evaluate
-    from .models import load_model, pick_device
+    from .models import check_device, load_model
+    from .outputs import check_out
     from .tasks import get_task
 
     task = get_task(args.task)
+    check_out(args.out, "eval", overwrite=args.overwrite,
+              inputs={"--adapter": args.adapter, "--data-dir": _data_input(args.data_dir),
+                      "--model": _local_path(args.model)})
+    device = check_device(args.device)
     config = EvalConfig(n_eval=args.n_eval, n_generate=args.n_generate, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, generate_batch_size=args.generate_batch_size,
                         seed=args.seed, split=args.split)
-    rows = load_sample(task, args.split, args.n_eval, args.seed, args.data_dir)
+    rows = load_sample(task, args.split, args.n_eval, args.seed, args.data_dir, what="--n-eval")
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model = adapters.apply_adapter(loaded, args.adapter) if args.adapter else loaded.model
-    model.to(pick_device(args.device))
+    model.to(device)
     label = args.label or (Path(args.adapter).name if args.adapter else "base")
     info = {"label": label, "kind": "adapter" if args.adapter else "base", "base_model": loaded.fingerprint,
             "adapter": str(args.adapter) if args.adapter else None}
-    record = evaluate(model, loaded.tokenizer, task, rows, config, info, out_dir=args.out)
+    with io.atomic_dir(args.out) as staging:
+        record = evaluate(model, loaded.tokenizer, task, rows, config, info, out_dir=staging)
     for name, value in record["metrics"].items():
         print(f"{name:>22}: {value['value']:.4f}  95% [{value['ci_low']:.4f}, {value['ci_high']:.4f}]  n={value['n']}")
     print(f"wrote {args.out}/metrics.json and predictions.jsonl")
@@ -113,7 +194,9 @@ def cmd_merge(args) -> int:
     if not args.adapters or not args.out:
         raise ValueError("merge needs --adapters DIR [DIR ...] and --out DIR (or --list)")
     from .adapters import merge_adapter_dirs
+    from .outputs import check_out
 
+    check_out(args.out, "merge", overwrite=args.overwrite, inputs={"--adapters": args.adapters})
     meta = merge_adapter_dirs(args.adapters, args.method, args.out, args.weights, _parse_key_values(args.param))
     print(f"merged {len(args.adapters)} adapters with {args.method} into {args.out}")
     print(json.dumps(meta["info"], indent=2, default=str))
@@ -125,18 +208,21 @@ def cmd_diagnose(args) -> int:
     from .adapters import check_same_base, read_adapter
     from .merging.diagnostics import diagnose, plot_diagnostics
 
+    from .outputs import check_out
+
+    if len(args.adapters) < 2:
+        raise ValueError(f"--adapters: diagnose compares at least two adapters, got {len(args.adapters)}")
+    out = check_out(args.out, "diagnostics", overwrite=args.overwrite, inputs={"--adapters": args.adapters})
     loaded = [read_adapter(p) for p in args.adapters]
-    if len(loaded) < 2:
-        raise ValueError("diagnose needs at least two adapters")
     check_same_base(loaded)
     common = sorted(set.intersection(*(set(a.factors) for a in loaded)))
     if not common:
         raise ValueError("the adapters share no module")
     result = diagnose({name: [a.factors[name] for a in loaded] for name in common})
     result["adapters"] = [str(a.path) for a in loaded]
-    out = Path(args.out)
-    io.write_json(out / "diagnostics.json", result)
-    plot_diagnostics(result, out / "diagnostics.png")
+    with io.atomic_dir(out) as staging:
+        io.write_json(staging / "diagnostics.json", result)
+        plot_diagnostics(result, staging / "diagnostics.png")
     print(json.dumps(result.get("overall", {}), indent=2, default=str))
     print(f"wrote {out}/diagnostics.json and diagnostics.png")
     return 0
@@ -146,6 +232,7 @@ def cmd_diagnose(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import load_config
+    from .outputs import check_out
     from .pipeline import run_experiment
 
     overrides = {}
@@ -154,8 +241,9 @@ def cmd_run(args) -> int:
     if args.model:
         overrides["model"] = args.model
     config = load_config(args.config, overrides)
-    out = Path(args.out or Path("runs") / config.name)
-    run_dir = run_experiment(config, out)
+    out = check_out(args.out or Path("runs") / config.name, "run",
+                    inputs={"data_dir": _data_input(config.data_dir), "model": _local_path(config.model)})
+    run_dir = run_experiment(config, out, trust_remote_code=args.trust_remote_code)
     print()
     print((run_dir / "results.md").read_text())
     print(f"results: {run_dir / 'results.csv'}, {run_dir / 'results.md'}; plot: {run_dir / 'results.png'}")
@@ -222,12 +310,22 @@ def _add_data_arg(parser) -> None:
                         help="local mirror in the HF schema (default: $LORACOMBENCH_DATA_DIR, else the hub)")
 
 
+def add_out_args(parser, help: str, required: bool = False, default=None) -> None:
+    """--out and --overwrite: an existing output of the same kind is replaced only when asked."""
+    parser.add_argument("--out", type=Path, required=required, default=default,
+                        help=f"{help}; must not exist yet, be empty, or (with --overwrite) hold an earlier "
+                             f"output of the same command")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier output of this command at --out (never anything else)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cli_analysis import add_parsers as add_analysis_parsers
     from .evaluation import EvalConfig
     from .config import TrainSettings
 
-    parser = argparse.ArgumentParser(prog="loracombench", description=__doc__)
+    parser = OneLineParser(prog="loracombench", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"loracombench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -243,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="ag_news or gsm8k")
     _add_model_args(p)
     _add_data_arg(p)
-    p.add_argument("--n-train", type=int, default=None, help="seeded (stratified) training sample; default all")
+    p.add_argument("--n-train", type=count(1), default=None,
+                   help=f"seeded (stratified) training sample; default all ({SAMPLE_HELP})")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the training sample")
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--r", type=int, default=t.r, help="LoRA rank")
@@ -257,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
                    help="optimizer steps between checkpoints in OUT.checkpoint/, from which a rerun resumes (0: none)")
-    p.add_argument("--out", type=Path, default=None, help="adapter folder (default models/<task>)")
+    add_out_args(p, "adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 
     e = EvalConfig()
@@ -268,13 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder (default: the base model)")
     p.add_argument("--label", default=None, help="name of the model in the result file")
     p.add_argument("--split", default=e.split)
-    p.add_argument("--n-eval", type=int, default=e.n_eval, help="examples scored (seeded sample)")
-    p.add_argument("--n-generate", type=int, default=e.n_generate, help="GSM8K: problems answered by generation")
-    p.add_argument("--max-new-tokens", type=int, default=e.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=e.batch_size)
-    p.add_argument("--generate-batch-size", type=int, default=e.generate_batch_size)
+    p.add_argument("--n-eval", type=count(1), default=e.n_eval,
+                   help=f"examples scored (seeded sample; {SAMPLE_HELP})")
+    p.add_argument("--n-generate", type=count(0), default=e.n_generate,
+                   help="GSM8K: problems answered by generation (a prefix of the sample; 0: none)")
+    p.add_argument("--max-new-tokens", type=count(1), default=e.max_new_tokens)
+    p.add_argument("--batch-size", type=count(1), default=e.batch_size)
+    p.add_argument("--generate-batch-size", type=count(1), default=e.generate_batch_size)
     p.add_argument("--seed", type=int, default=e.seed, help="seed of the evaluation sample")
-    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.jsonl")
+    add_out_args(p, "folder for metrics.json and predictions.jsonl", required=True)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge adapters with a registered method (no base model needed)")
@@ -282,20 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", nargs="+", type=Path, help="adapter folders, same base model")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per adapter")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
-    p.add_argument("--out", type=Path, help="folder of the merged PEFT adapter")
+    add_out_args(p, "folder of the merged PEFT adapter")
     p.add_argument("--list", action="store_true", help="list methods, their parameters and references")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("diagnose", help="interference diagnostics between adapters (JSON + plot)")
     p.add_argument("--adapters", nargs="+", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    add_out_args(p, "folder for diagnostics.json and diagnostics.png", required=True)
     p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("run", help="the whole experiment: train, merge, evaluate, report (resumable)")
     p.add_argument("--config", default=None, help="preset name in configs/ or a YAML file (default: default)")
     p.add_argument("--model", default=None, help="override the config's base model")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom model code when the config sets trust_remote_code: true "
+                        "(the run refuses such a config without this flag)")
     _add_data_arg(p)
-    p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<config name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="run folder (default runs/<config name>); an earlier run folder is resumed, "
+                        "anything else must be new or empty. Sample sizes larger than a split are an error")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="choose each task's learning rate on validation data (never test)")
@@ -326,16 +432,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from .config import flatten_validation_error
+
+    if isinstance(err, ValidationError):
+        return flatten_validation_error(err)
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"loracombench {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished cells are kept and a rerun resumes from them", file=sys.stderr)
-        return 130
+    with _sigterm_as_interrupt():
+        try:
+            return args.func(args)
+        except (ValueError, RuntimeError, OSError) as err:
+            print(f"loracombench {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:
+            what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            print(f"{what}; finished cells are kept and a rerun resumes from them", file=sys.stderr)
+            return 143 if isinstance(stop, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ def _task_names() -> list[str]:
 
 
 def add_parsers(subparsers) -> None:
+    from .cli import SAMPLE_HELP, add_out_args, count
+
     eda = subparsers.add_parser(
         "eda",
         help="dataset statistics (JSON) and plots (PNG) for the tasks",
@@ -28,7 +30,7 @@ def add_parsers(subparsers) -> None:
     eda.add_argument("--task", nargs="+", choices=_task_names(), default=_task_names(),
                      metavar="TASK", help=f"tasks to analyse (default: all; choices: {', '.join(_task_names())})")
     eda.add_argument("--data-dir", help="local mirror folder (default: $LORACOMBENCH_DATA_DIR, else the hub)")
-    eda.add_argument("--out", required=True, type=Path, help="output folder")
+    add_out_args(eda, "output folder", required=True)
     eda.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                      help=f"base model whose tokenizer counts tokens (default: {DEFAULT_TOKENIZER})")
     eda.add_argument("--no-tokens", action="store_true",
@@ -45,12 +47,12 @@ def add_parsers(subparsers) -> None:
                     "format of model evaluations.")
     base.add_argument("--task", required=True, choices=_task_names(), help="task to evaluate")
     base.add_argument("--data-dir", help="local mirror folder (default: $LORACOMBENCH_DATA_DIR, else the hub)")
-    base.add_argument("--n-train", type=int, default=None,
-                      help="seeded sample of N training rows (default: all)")
-    base.add_argument("--n-eval", type=int, default=None,
-                      help="seeded sample of N test rows (default: all)")
+    base.add_argument("--n-train", type=count(1), default=None,
+                      help=f"seeded sample of N training rows (default: all; {SAMPLE_HELP})")
+    base.add_argument("--n-eval", type=count(1), default=None,
+                      help=f"seeded sample of N test rows (default: all; {SAMPLE_HELP})")
     base.add_argument("--seed", type=int, default=0, help="sampling and model seed (default: 0)")
-    base.add_argument("--out", required=True, type=Path, help="output folder")
+    add_out_args(base, "output folder", required=True)
     base.set_defaults(func=run_baseline_command)
 
 
@@ -65,15 +67,19 @@ def _load_tokenizer(name: str):
 
 def run_eda_command(args: argparse.Namespace) -> int:
     from . import eda
-    from .io import read_json
+    from .io import atomic_dir, read_json
     from .data import resolve_data_dir
+    from .outputs import check_out
 
     # Data first: a bad mirror fails at once, before the (slow) tokenizer loads.
     folder = resolve_data_dir(args.data_dir)
+    check_out(args.out, "eda", overwrite=args.overwrite, inputs={"--data-dir": folder})
     loaded = eda.load_task_splits(args.task, folder)
     tokenizer = None if args.no_tokens else _load_tokenizer(args.tokenizer)
-    path = eda.write_eda(loaded, args.out, tokenizer, source=str(folder) if folder else "hub")
-    record = read_json(path)
+    with atomic_dir(args.out) as staging:
+        written = eda.write_eda(loaded, staging, tokenizer, source=str(folder) if folder else "hub")
+        record = read_json(written)
+    path = args.out / written.name
     print(f"wrote {path} and {len(record['plots'])} plots in {args.out}")
     for name, stats in record["tasks"].items():
         if name == "ag_news":
@@ -103,14 +109,19 @@ def _r(d: dict) -> str:
 
 def run_baseline_command(args: argparse.Namespace) -> int:
     from .baselines import run_baselines
-    from .data import load_sample
+    from .data import load_sample, resolve_data_dir
+    from .io import atomic_dir
+    from .outputs import check_out
     from .tasks import get_task
 
     task = get_task(args.task)
-    train = load_sample(task, "train", args.n_train, args.seed, args.data_dir)
-    evaluation = load_sample(task, "test", args.n_eval, args.seed, args.data_dir)
-    folders = run_baselines(task.name, train, evaluation, args.out, seed=args.seed, split="test",
-                            config={"n_train_requested": args.n_train, "n_eval_requested": args.n_eval})
+    check_out(args.out, "baseline", overwrite=args.overwrite, inputs={"--data-dir": resolve_data_dir(args.data_dir)})
+    train = load_sample(task, "train", args.n_train, args.seed, args.data_dir, what="--n-train")
+    evaluation = load_sample(task, "test", args.n_eval, args.seed, args.data_dir, what="--n-eval")
+    with atomic_dir(args.out) as staging:
+        written = run_baselines(task.name, train, evaluation, staging, seed=args.seed, split="test",
+                                config={"n_train_requested": args.n_train, "n_eval_requested": args.n_eval})
+    folders = [args.out / folder.name for folder in written]
     from .metrics import read_result
 
     print(f"{task.name}: {len(train)} train rows, {len(evaluation)} test rows, seed {args.seed}")

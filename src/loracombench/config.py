@@ -7,11 +7,30 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .tasks import TASKS
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message is one line."""
+
+
+def flatten_validation_error(err: ValidationError, where: str | None = None,
+                             names: dict[str, str] | None = None) -> str:
+    """Pydantic's multi-line report as one line: where (a file), then each key path, rule and the
+    value given. `names` renames top-level fields (to the command-line flags that set them)."""
+    problems = []
+    for error in err.errors():
+        loc = [str(part) for part in error["loc"]]
+        if loc and names:
+            loc[0] = names.get(loc[0], loc[0])
+        message = error["msg"].removeprefix("Value error, ")
+        given = f" (got {error['input']!r})" if error["type"] not in ("missing", "value_error") else ""
+        problems.append(f"{'.'.join(loc)}: {message}{given}" if loc else message)
+    return (f"{where}: " if where else "") + "; ".join(problems)
 
 
 class Strict(BaseModel):
@@ -142,11 +161,22 @@ def load_config(path_or_preset: str | Path | None = None, overrides: dict | None
     if not path.is_file():
         presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
         raise ValueError(f"no config file or preset {source!r}; presets: {', '.join(presets)}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (expected YAML)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path}: not valid YAML ({problem}{at})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the config must be a mapping")
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(raw).__name__}")
     raw.update(overrides or {})
-    return ExperimentConfig.model_validate(raw)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(flatten_validation_error(err, str(path))) from None
 
 
 def stable_hash(obj) -> str:

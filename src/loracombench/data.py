@@ -128,9 +128,18 @@ def _largest_remainder(sizes: dict, n: int) -> dict:
     return quotas
 
 
-def load_sample(task: Task | str, split: str, n: int | None, seed: int, data_dir=None) -> list[dict]:
+def load_sample(task: Task | str, split: str, n: int | None, seed: int, data_dir=None,
+                what: str = "the sample size") -> list[dict]:
+    """A seeded sample of n rows of a split; n larger than the split is an error (None: all rows).
+    `what` names the flag or config key that gave n, for the error message."""
     task = get_task(task) if isinstance(task, str) else task
-    return subsample(load_split(task, split, data_dir), n, seed, task)
+    rows = load_split(task, split, data_dir)
+    if n is not None and n <= 0:
+        raise DataError(f"{what} must be a positive number of rows, got {n}")
+    if n is not None and n > len(rows):
+        raise DataError(f"{what}={n} asks for more rows than the {task.name} {split} split has ({len(rows)}); "
+                        f"ask for at most {len(rows)}, or for all rows (omit it, or null in a config)")
+    return subsample(rows, n, seed, task)
 
 
 def validation_sample(task: Task | str, n: int | None, seed: int, data_dir, training_rows: list[dict]) -> list[dict]:

@@ -27,6 +27,16 @@ class EvalConfig:
     seed: int = 1234
     split: str = "test"
 
+    def __post_init__(self):
+        """Sizes are counts: a zero or negative one would slice or batch silently wrong."""
+        at_least = {"n_eval": 1, "n_generate": 0, "max_new_tokens": 1, "batch_size": 1, "generate_batch_size": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is None and name in ("n_eval", "n_generate"):  # None: all
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device

@@ -1,14 +1,37 @@
-"""Atomic file output: a crash or Ctrl-C never leaves a file or folder that looks complete."""
+"""Atomic file output: a crash or Ctrl-C never leaves a file or folder that looks complete.
+
+Temporary names are `.<target name>.<pid>-<8 random characters>.<tmp|partial|old>[suffix]` beside
+the target, so the leftovers of a killed save are recognisable: the next save to the same target
+removes them, and a run removes every one under its folder when it starts. A temporary whose
+process is still alive is never touched.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+LOCK_FILE = ".loracombench.lock"
+# mkstemp/mkdtemp draw 8 characters from [a-z0-9_] between our prefix and suffix; names
+# written before the pid was recorded have none.
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.((?P<pid>\d+)-)?[a-z0-9_]{8}\.(tmp(\.[^.]+)?|partial|old)$")
+
+
+class FileFormatError(ValueError):
+    """A file that exists but cannot be parsed (invalid JSON, a corrupt weights file)."""
+
+
+class BusyError(RuntimeError):
+    """The folder is locked by another running command."""
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -20,10 +43,60 @@ def _publish(tmp: str | Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def is_leftover(name: str) -> bool:
+    """Whether a file or folder name is a temporary of an atomic save (or the run lock)."""
+    return name == LOCK_FILE or _LEFTOVER.match(name) is not None
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"
+
+
+def _abandoned(match: re.Match) -> bool:
+    """A leftover whose writing process has ended (or is unknown)."""
+    if match["pid"] is None:
+        return True
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(path: str | Path) -> None:
+    """Remove what killed saves to `path` left beside it (their staging folders can be large)."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for entry in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            match = _LEFTOVER.match(entry.name)
+            if match and match["target"] == path.name and _abandoned(match):
+                _remove(entry)
+
+
+def remove_leftovers_under(folder: str | Path) -> None:
+    """Remove every leftover temporary of a killed save anywhere under `folder`."""
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            match = _LEFTOVER.match(name)
+            if match and _abandoned(match):
+                _remove(Path(root) / name)
+        dirs[:] = [d for d in dirs if not _LEFTOVER.match(d)]
+
+
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -43,7 +116,13 @@ def write_jsonl(path: str | Path, rows) -> Path:
 
 
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Parsed JSON; a file that is not valid JSON raises FileFormatError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{path}: not a UTF-8 text file (expected JSON)") from None
+    except json.JSONDecodeError as err:
+        raise FileFormatError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
 
 
 @contextlib.contextmanager
@@ -53,7 +132,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     For writers that insist on a path (matplotlib, safetensors)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    remove_leftovers(path)
+    # The target's suffix stays last: some writers pick the format from it.
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -70,12 +151,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     An existing `path` is kept until the new one is complete, so a failed rerun loses nothing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    remove_leftovers(path)
+    staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".partial", dir=path.parent))
     os.chmod(staging, 0o777 & ~_UMASK)
     try:
         yield staging
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(staging, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -84,3 +166,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` (created if needed) for the block; a second holder is
+    refused at once with BusyError. The kernel releases the lock when the process ends, however."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise BusyError(f"{folder} is in use by another loracombench {what} (pid {holder}); "
+                            f"wait for it to finish, or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()

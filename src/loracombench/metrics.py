@@ -122,6 +122,6 @@ def write_result(out_dir: str | Path, record: dict, predictions: list[dict]) -> 
 
 def read_result(out_dir: str | Path) -> dict:
     record = io.read_json(Path(out_dir) / "metrics.json")
-    if record.get("schema") != SCHEMA:
+    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         raise ValueError(f"{out_dir}/metrics.json is not a {SCHEMA} result")
     return record

@@ -270,10 +270,31 @@ def describe() -> list[dict]:
     return [{"name": s.name, "source": s.source, "description": s.description} for s in MODELS.values()]
 
 
+def check_device(requested: str, where: str = "--device") -> torch.device:
+    """The device asked for, refused with one line when it is not a device or not present here."""
+    valid_here = "auto, cpu" + (", cuda, cuda:N" if torch.cuda.is_available() else "")
+    try:
+        device = torch.device(requested) if requested != "auto" else None
+    except (RuntimeError, TypeError):
+        raise ModelError(f"{where} {requested!r} is not a device; valid: {valid_here}") from None
+    if device is None:
+        return pick_device("auto")
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ModelError(f"{where} {requested!r}: only CPU and CUDA devices are supported; valid here: {valid_here}")
+    if not torch.cuda.is_available():
+        raise ModelError(f"{where} {requested!r}: CUDA is not available on this machine; valid here: {valid_here}")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"{where} {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    return device
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    return check_device(requested)
 
 
 def autocast(device: torch.device):

@@ -1,8 +1,10 @@
 """Run an experiment as cached, resumable cells: train -> merge -> evaluate -> report.
 
-Every cell writes its output atomically together with a key that hashes everything it depends
-on. A rerun skips cells whose key matches and recomputes the rest, so an interrupted run
-resumes where it stopped and a changed setting recomputes only what it affects.
+Every cell writes its output atomically, then a manifest with a key that hashes everything it
+depends on (settings, inputs, the task's prompt and scoring code, package and library versions)
+and the size and hash of every file it wrote. A rerun skips cells whose key matches and whose
+files are intact, and recomputes the rest, so an interrupted run resumes where it stopped, a
+damaged file is recomputed, and a changed setting recomputes only what it affects.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import adapters, io, metrics
+from . import adapters, cache, io, metrics
 from .config import ExperimentConfig, stable_hash
 from .data import load_sample, resolve_data_dir
 from .evaluation import EvalConfig, evaluate
-from .models import load_model, pick_device
+from .models import check_device, load_model, pick_device
 from .tasks import get_task
 from .training import train_adapter
 
@@ -43,6 +45,23 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def cell_key(parts: dict, task: str | None = None, libraries: tuple[str, ...] = cache.MODEL_LIBRARIES) -> str:
+    """A cell's cache key: its own inputs and settings, the task's prompt and scoring version
+    (see Task.fingerprint) and the versions of the code that computes it."""
+    extra = {"task_version": get_task(task).fingerprint()} if task else {}
+    return stable_hash({**parts, **extra, "code": cache.code_versions(libraries)})
+
+
+def reusable(folder: Path, key: str, what: str) -> bool:
+    """Whether a finished cell can be reused; says why not when its recorded files were damaged."""
+    reason = cache.stale_reason(folder, key)
+    if reason is None:
+        log(f"{what}: cached")
+    elif reason not in cache.ORDINARY_REASONS:
+        log(f"{what}: {reason}; recomputing")
+    return reason is None
+
+
 class Experiment:
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, progress: bool = True):
         self.config = config
@@ -50,6 +69,7 @@ class Experiment:
         self.progress = progress
         self.data_dir = resolve_data_dir(config.data_dir)
         self.data_source = str(self.data_dir.resolve()) if self.data_dir else "hub"
+        self.current_results: list[Path] = []  # the eval folders this run's report shows
 
     # ------------------------------------------------------------ data and base model
 
@@ -58,40 +78,51 @@ class Experiment:
         return load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
 
     def train_rows(self, task: str) -> list[dict]:
-        return load_sample(task, "train", self.config.n_train[task], self.config.data_seed, self.data_dir)
+        return load_sample(task, "train", self.config.n_train[task], self.config.data_seed, self.data_dir,
+                           what=f"n_train.{task}")
 
     def eval_rows(self, task: str) -> list[dict]:
         settings = self.config.eval
-        return load_sample(task, settings.split, settings.n_eval[task], settings.seed, self.data_dir)
+        return load_sample(task, settings.split, settings.n_eval[task], settings.seed, self.data_dir,
+                           what=f"eval.n_eval.{task}")
+
+    def preflight(self, trust_remote_code: bool = False) -> None:
+        """Every check of the user's input that can fail, before anything is written."""
+        if self.config.trust_remote_code and not trust_remote_code:
+            raise ValueError("trust_remote_code: true in the config runs code from the model's repository; "
+                             "add --trust-remote-code to the command line to allow it")
+        check_device(self.config.device, "config key device")
+        for task in self.config.tasks:
+            self.train_rows(task)
+            self.eval_rows(task)
+        self.base()
 
     # ------------------------------------------------------------ cells
 
     def train_cell(self, task: str, fingerprint: dict, seed: int) -> ModelEntry:
         settings = self.config.train.model_copy(update={"seed": seed})
-        key = stable_hash({"base": fingerprint, "task": task, "n": self.config.n_train[task],
-                           "data_seed": self.config.data_seed, "data": self.data_source,
-                           "train": settings.result_settings()})
+        key = cell_key({"base": fingerprint, "task": task, "n": self.config.n_train[task],
+                        "data_seed": self.config.data_seed, "data": self.data_source,
+                        "train": settings.result_settings()}, task)
         folder = self.out / "adapters" / f"seed{seed}" / task
-        if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
-            log(f"train {task}: cached in {folder}")
-        else:
+        if not reusable(folder, key, f"train {task} (seed {seed})"):
             log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
             meta = train_adapter(self.base(), get_task(task), self.train_rows(task), settings, folder,
                                  self.config.device, progress=self.progress,
                                  extra_metadata={"cell_key": key, "data": self.data_source})
+            cache.record_outputs(folder, key)
             log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
         return self._adapter_entry(f"expert_{task}_seed{seed}", f"{task} expert", "expert", folder, key, seed)
 
     def merge_cell(self, spec, experts: list[ModelEntry]) -> ModelEntry:
         seed = experts[0].seed
-        key = stable_hash({"merge": spec.model_dump(), "sources": [e.key for e in experts]})
+        key = cell_key({"merge": spec.model_dump(), "sources": [e.key for e in experts]})
         folder = self.out / "merges" / f"seed{seed}" / spec.name
-        if (adapters.read_metadata(folder) or {}).get("cell_key") == key:
-            log(f"merge {spec.name}: cached")
-        else:
+        if not reusable(folder, key, f"merge {spec.name} (seed {seed})"):
             started = time.time()
             adapters.merge_adapter_dirs([e.adapter for e in experts], spec.method, folder, spec.weights,
                                         spec.params, extra_metadata={"cell_key": key, "label": spec.name})
+            cache.record_outputs(folder, key)
             log(f"merge {spec.name}: done in {time.time() - started:.1f} s")
         return self._adapter_entry(f"merge_{spec.name}_seed{seed}", f"merge: {spec.name}", "merge", folder, key,
                                    seed)
@@ -114,11 +145,11 @@ class Experiment:
 
     def eval_cell(self, entry: ModelEntry, task: str, fingerprint: dict, rows_cache: dict) -> None:
         eval_config = self.eval_config(task)
-        key = stable_hash({"model": entry.key, "base": fingerprint, "task": task, "data": self.data_source,
-                           "eval": eval_config.__dict__})
+        key = cell_key({"model": entry.key, "base": fingerprint, "task": task, "data": self.data_source,
+                        "eval": eval_config.__dict__}, task)
         folder = self.out / "eval" / entry.slug / task
-        if cached_result_key(folder) == key:
-            log(f"eval {entry.slug} on {task}: cached")
+        self.current_results.append(folder)
+        if reusable(folder, key, f"eval {entry.slug} on {task}"):
             return
         log(f"eval {entry.slug} on {task}")
         loaded = self.base()
@@ -129,6 +160,7 @@ class Experiment:
         model.to(pick_device(self.config.device))
         record = evaluate(model, loaded.tokenizer, get_task(task), rows_cache[task], eval_config, info,
                           out_dir=folder, progress=self.progress)
+        cache.record_outputs(folder, key)
         primary = record["metrics"][record["primary_metric"]]
         log(f"eval {entry.slug} on {task}: {record['primary_metric']} = {primary['value']:.3f} "
             f"in {record['elapsed_s']:.0f} s")
@@ -138,10 +170,12 @@ class Experiment:
 
         for task in self.config.tasks:
             eval_config = self.eval_config(task)
-            key = stable_hash({"baselines": task, "data": self.data_source, "n_train": self.config.n_train[task],
-                               "data_seed": self.config.data_seed, "eval": eval_config.__dict__})
+            key = cell_key({"baselines": task, "data": self.data_source, "n_train": self.config.n_train[task],
+                            "data_seed": self.config.data_seed, "eval": eval_config.__dict__},
+                           task, cache.BASELINE_LIBRARIES)
             folders = self._baseline_folders(task)
-            if folders and all(cached_result_key(f) == key for f in folders.values()):
+            self.current_results += folders.values()
+            if folders and all(cache.cached(f, key) for f in folders.values()):
                 log(f"baselines on {task}: cached")
                 continue
             if task not in rows_cache:
@@ -154,7 +188,8 @@ class Experiment:
                            "cell_key": key},
                     metrics=result, primary_metric=get_task(task).primary_metric, chance=get_task(task).chance,
                     config={"n_train": self.config.n_train[task], "data": self.data_source})
-                metrics.write_result(self.out / "eval" / f"baseline_{name}" / task, record, predictions)
+                metrics.write_result(folders[name], record, predictions)
+                cache.record_outputs(folders[name], key)
             log(f"baselines on {task}: {', '.join(folders)}")
 
     def _baseline_folders(self, task: str) -> dict[str, Path]:
@@ -165,7 +200,7 @@ class Experiment:
     # ------------------------------------------------------------ the whole run
 
     def run(self) -> Path:
-        from .report import build_report
+        from .report import build_report, write_current_results
 
         self.out.mkdir(parents=True, exist_ok=True)
         io.write_json(self.out / "config.json", self.config.model_dump())
@@ -181,15 +216,16 @@ class Experiment:
                 self.eval_cell(entry, task, fingerprint, rows_cache)
         if self.config.baselines:
             self.baseline_cells(rows_cache)
+        write_current_results(self.out, self.current_results)
         return build_report(self.out)
 
 
-def cached_result_key(folder: Path) -> str | None:
-    try:
-        return metrics.read_result(folder)["model"].get("cell_key")
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True) -> Path:
-    return Experiment(config, out_dir, progress).run()
+def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+                   trust_remote_code: bool = False) -> Path:
+    """Check every input, lock the run folder against a second run, clean what killed saves left
+    behind, and run. trust_remote_code: the caller's explicit consent to a config that asks for it."""
+    experiment = Experiment(config, out_dir, progress)
+    experiment.preflight(trust_remote_code)
+    with io.exclusive_lock(out_dir):
+        io.remove_leftovers_under(out_dir)
+        return experiment.run()

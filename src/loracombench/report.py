@@ -1,4 +1,8 @@
-"""Tables and plots built from result files alone (eval/<model>/<task>/metrics.json)."""
+"""Tables and plots built from result files alone (eval/<model>/<task>/metrics.json).
+
+A run records which result folders are its current cells (current_results.json); the report
+shows exactly those, and lists any other result folder under eval/ as stale, never as a row.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 
 from . import io, metrics
 
+CURRENT_RESULTS = "current_results.json"
+CURRENT_SCHEMA = "loracombench.current-results/1"
 KIND_ORDER = {"base": 0, "expert": 1, "merge": 2, "baseline": 3}
 # (task, metric, column title, higher is better)
 COLUMNS = [
@@ -19,14 +25,57 @@ COLUMNS = [
 ]
 
 
+def write_current_results(run_dir: str | Path, folders: list[Path]) -> Path:
+    """Record the result folders of the run's current cells (relative to the run folder)."""
+    run_dir = Path(run_dir)
+    names = [Path(f).relative_to(run_dir).as_posix() for f in folders]
+    return io.write_json(run_dir / CURRENT_RESULTS, {"schema": CURRENT_SCHEMA, "results": names})
+
+
+def _all_results(run_dir: Path) -> list[str]:
+    return [f.parent.relative_to(run_dir).as_posix() for f in sorted(run_dir.glob("eval/*/*/metrics.json"))]
+
+
+def current_results(run_dir: str | Path) -> list[str]:
+    """The run's current result folders: those its manifest lists, else (an older run) every one."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / CURRENT_RESULTS
+    if not manifest.is_file():
+        return _all_results(run_dir)
+    recorded = io.read_json(manifest)
+    if not isinstance(recorded, dict) or recorded.get("schema") != CURRENT_SCHEMA:
+        raise ValueError(f"{manifest} is not a {CURRENT_SCHEMA} file; rerun `loracombench run` to rewrite it")
+    return list(recorded["results"])
+
+
+def stale_results(run_dir: str | Path) -> list[str]:
+    """Result folders under eval/ that are not among the run's current cells."""
+    current = set(current_results(run_dir))
+    return [name for name in _all_results(Path(run_dir)) if name not in current]
+
+
 def collect(run_dir: str | Path) -> list[dict]:
-    """One record per finished (model, task) result in the run folder."""
+    """One record per current (model, task) result of the run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run folder")
     records = []
-    for file in sorted(Path(run_dir).glob("eval/*/*/metrics.json")):
-        records.append(metrics.read_result(file.parent))
+    for name in current_results(run_dir):
+        if not (run_dir / name / "metrics.json").is_file():
+            raise ValueError(f"{run_dir}/{CURRENT_RESULTS} lists {name}, but its metrics.json is missing; "
+                             f"rerun `loracombench run` to recompute it")
+        records.append(metrics.read_result(run_dir / name))
     if not records:
         raise ValueError(f"no results under {run_dir}/eval: run `loracombench run` first")
     return records
+
+
+def stale_note(run_dir: str | Path) -> str:
+    stale = stale_results(run_dir)
+    if not stale:
+        return ""
+    return (f"\nNot shown: {len(stale)} stale result folder(s) under eval/ that are not cells of this run's "
+            f"config (kept on disk, safe to delete): {', '.join(stale)}.\n")
 
 
 def long_rows(records: list[dict]) -> list[dict]:
@@ -122,6 +171,6 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = collect(run_dir)
     write_csv(long_rows(records), run_dir / "results.csv")
-    io.write_text(run_dir / "results.md", markdown_table(records))
+    io.write_text(run_dir / "results.md", markdown_table(records) + stale_note(run_dir))
     plot(records, run_dir / "results.png")
     return run_dir

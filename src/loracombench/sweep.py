@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import io
+from . import cache, io
 from .config import ExperimentConfig, stable_hash
 from .data import validation_sample
 from .evaluation import EvalConfig, evaluate
-from .pipeline import Experiment, cached_result_key, log
+from .metrics import read_result
+from .pipeline import Experiment, cell_key, log, reusable
 from .tasks import get_task
 
 
@@ -28,19 +29,18 @@ def validation_rows(experiment: Experiment, task: str, n: int | None) -> list[di
 
 
 def score_cell(experiment: Experiment, entry, task, rows: list[dict], folder: Path) -> dict:
-    """The validation record of one trained expert (cached by the expert's key and the rows)."""
+    """The validation record of one trained expert (a cached cell keyed by the expert and the rows)."""
     from . import adapters
 
     config = EvalConfig(n_eval=len(rows), n_generate=0, batch_size=experiment.config.eval.batch_size,
                         seed=experiment.config.eval.seed, split="validation")
-    key = stable_hash({"model": entry.key, "task": task.name, "rows": stable_hash(rows)})
-    if cached_result_key(folder) != key:
+    key = cell_key({"model": entry.key, "rows": stable_hash(rows), "eval": config.__dict__}, task.name)
+    if not reusable(folder, key, f"validation {entry.slug}"):
         loaded = experiment.base()
         model = adapters.apply_adapter(loaded, entry.adapter)
         evaluate(model, loaded.tokenizer, task, rows, config, {**entry.info(), "cell_key": key},
                  out_dir=folder, progress=experiment.progress)
-    from .metrics import read_result
-
+        cache.record_outputs(folder, key)
     return read_result(folder)
 
 

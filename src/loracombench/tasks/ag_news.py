@@ -34,6 +34,7 @@ class AgNews(Task):
     # The label is scored as a continuation, never generated: an EOS after it would only spend
     # the small training budget on a token the evaluation never reads.
     target_ends_with_eos = False
+    version = 1
 
     def __init__(self, labels: tuple[str, ...] = LABELS):
         if len(labels) != len(LABELS) or len(set(labels)) != len(labels):

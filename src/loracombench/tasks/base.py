@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
 from abc import ABC, abstractmethod
 from typing import ClassVar
+
+# The methods that decide what a model is trained on and how it is scored.
+_BEHAVIOUR = ("prompt", "target", "choices", "gold_index", "check_row")
 
 
 class Task(ABC):
@@ -32,6 +38,9 @@ class Task(ABC):
     # metric with the boolean per-example field of score_output it counts.
     stop_strings: ClassVar[tuple[str, ...]] = ()
     generation_metrics: ClassVar[dict[str, str]] = {}
+    # Bump when the prompt, target or scoring changes through code outside the task's module
+    # (the module's own source is hashed into cache keys by fingerprint()).
+    version: ClassVar[int] = 1
 
     @abstractmethod
     def prompt(self, row: dict) -> str:
@@ -64,7 +73,25 @@ class Task(ABC):
         """Generation tasks: per-example fields for one generated output (the task owns its
         answer extraction and comparison), including every field named in generation_metrics."""
         raise NotImplementedError(f"task {self.name!r} is not scored by generation")
+    def fingerprint(self) -> dict:
+        """What fixes this task's prompts, targets and scoring, for cache keys: its version and a
+        hash of its module's source and of the methods the class carries now. Any edit there,
+        comments included, invalidates the cached cells of this task and only this task."""
+        cls = type(self)
+        digest = hashlib.sha256(_source(sys.modules[cls.__module__]).encode())
+        for name in _BEHAVIOUR:
+            if hasattr(cls, name):
+                digest.update(_source(getattr(cls, name)).encode())
+        return {"task": self.name, "version": self.version, "code": digest.hexdigest()[:16]}
 
     def stratum(self, row: dict) -> object | None:
         """The key that subsampling balances on (the label for classification), or None."""
         return None
+
+
+def _source(obj) -> str:
+    """The source text of a module or function; its qualified name when there is none (builtins)."""
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return getattr(obj, "__qualname__", repr(obj))

@@ -103,6 +103,7 @@ class Gsm8k(Task):
     generation_metrics = {"exact_match_strict": "correct_strict",
                           "exact_match_flexible": "correct_flexible",
                           "exact_match_numeric": "correct_numeric"}
+    version = 1
 
     def prompt(self, row: dict) -> str:
         return f"Question: {row['question'].strip()}\nAnswer:"

@@ -1,0 +1,133 @@
+"""Where a command may write: the one check every `--out` passes before any work starts.
+
+An output location is accepted when it does not exist yet or is an empty folder. An earlier
+output of the same kind is replaced only with --overwrite (a run folder is resumed instead).
+Everything else is refused with one line that says why and how to proceed: an existing file,
+a folder that holds something else, or a place that is, contains or lies inside one of the
+command's own inputs (writing there would change or delete the input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import io
+
+
+class OutputError(ValueError):
+    """An output location that the command must not write to."""
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    name: str
+    description: str  # "a trained adapter", as in "already holds a trained adapter"
+    recognise: Callable[[Path], bool]
+    # A run folder is resumed by the next run, never replaced wholesale.
+    resumed: bool = False
+
+
+def _json_field(file: Path, *keys: str):
+    """A nested field of a JSON file, or None when the file is missing, unreadable or lacks it."""
+    try:
+        value = io.read_json(file)
+        for key in keys:
+            value = value[key]
+        return value
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _adapter_of(kind: str) -> Callable[[Path], bool]:
+    def recognise(folder: Path) -> bool:
+        from .adapters import METADATA_FILE  # imports torch: only when an adapter is checked
+
+        return _json_field(folder / METADATA_FILE, "kind") == kind
+
+    return recognise
+
+
+def _is_result(folder: Path) -> bool:
+    from .metrics import SCHEMA
+
+    return _json_field(folder / "metrics.json", "schema") == SCHEMA
+
+
+def _is_baseline_results(folder: Path) -> bool:
+    results = [d for d in folder.iterdir() if (d / "metrics.json").is_file()]
+    return bool(results) and all(_json_field(d / "metrics.json", "model", "kind") == "baseline" for d in results)
+
+
+def _is_run(folder: Path) -> bool:
+    config = _json_field(folder / "config.json")
+    return isinstance(config, dict) and {"model", "tasks", "merges"} <= set(config)
+
+
+def _has_file(name: str) -> Callable[[Path], bool]:
+    return lambda folder: (folder / name).is_file()
+
+
+KINDS: dict[str, OutputKind] = {}
+
+
+def register(kind: OutputKind) -> None:
+    if kind.name in KINDS:
+        raise ValueError(f"output kind {kind.name!r} is already registered")
+    KINDS[kind.name] = kind
+
+
+def get_kind(name: str) -> OutputKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown output kind {name!r}; valid: {', '.join(sorted(KINDS))}") from None
+
+
+register(OutputKind("adapter", "a trained adapter", _adapter_of("trained")))
+register(OutputKind("merge", "a merged adapter", _adapter_of("merge")))
+register(OutputKind("eval", "an evaluation result", _is_result))
+register(OutputKind("baseline", "baseline results", _is_baseline_results))
+register(OutputKind("diagnostics", "adapter diagnostics", _has_file("diagnostics.json")))
+register(OutputKind("eda", "a dataset analysis", _has_file("eda_stats.json")))
+register(OutputKind("run", "a loracombench run", _is_run, resumed=True))
+
+
+def _is_empty(folder: Path) -> bool:
+    """Empty, or holding only the leftovers of killed saves and a stale lock file."""
+    return all(io.is_leftover(entry.name) for entry in folder.iterdir())
+
+
+def _overlap(out: Path, source: Path) -> bool:
+    return out == source or out in source.parents or source in out.parents
+
+
+def check_out(out: str | Path, kind: str, *, overwrite: bool = False,
+              inputs: dict[str, str | Path | list | None] | None = None, flag: str = "--out") -> Path:
+    """Refuse an output location that would destroy data; return it when writing there is safe.
+
+    `inputs` maps the flag that named each input to its path (or list of paths), so that the
+    refusal names it."""
+    out = Path(out)
+    kind_ = get_kind(kind)
+    resolved = out.resolve()
+    for where, paths in (inputs or {}).items():
+        for source in paths if isinstance(paths, (list, tuple)) else [paths]:
+            if source is not None and _overlap(resolved, Path(source).resolve()):
+                raise OutputError(f"{flag} {out} overlaps the input {where} {source}: writing there would "
+                                  f"change or delete it; choose an {flag} outside every input")
+    for ancestor in [out, *out.parents]:
+        if ancestor.exists() and not ancestor.is_dir():
+            what = "is an existing file" if ancestor == out else f"lies inside {ancestor}, which is a file"
+            raise OutputError(f"{flag} {out} {what}; give a folder path that does not exist yet "
+                              f"(nothing was written)")
+    if not out.exists() or _is_empty(out):
+        return out
+    if not kind_.recognise(out):
+        raise OutputError(f"{flag} {out} is a non-empty folder that does not hold {kind_.description}; "
+                          f"choose a new or empty folder (nothing was written)")
+    if not kind_.resumed and not overwrite:
+        raise OutputError(f"{flag} {out} already holds {kind_.description}; pass --overwrite to replace it, "
+                          f"or choose another folder")
+    return out

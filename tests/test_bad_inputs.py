@@ -1,0 +1,239 @@
+"""Every bad input through the real command line: exit status 2, one line that names the culprit,
+and nothing written or destroyed (every file and folder around it hashes the same afterwards)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_small_mirror
+from loracombench import adapters, metrics
+from loracombench.cli import main
+from test_merge_command import make_adapter
+
+SMOKE = {
+    "name": "t", "model": "tiny-llama", "n_train": {"ag_news": 8, "gsm8k": 4},
+    "train": {"epochs": 1, "batch_size": 4, "max_length": 64},
+    "eval": {"n_eval": {"ag_news": 8, "gsm8k": 3}, "n_generate": 2, "max_new_tokens": 4},
+    "merges": [{"method": "average"}], "baselines": False,
+}
+
+
+def with_changes(**changes) -> str:
+    config = yaml.safe_load(yaml.safe_dump(SMOKE))
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    return yaml.safe_dump(config)
+
+
+CONFIGS = {
+    "malformed.yaml": "name: [t\n  merges: - : x\n",
+    "list.yaml": "- name: t\n",
+    "unknown_key.yaml": with_changes(learning_rate=0.1),
+    "zero_train_batch.yaml": with_changes(train__batch_size=0),
+    "zero_eval_batch.yaml": with_changes(eval__batch_size=0),
+    "negative_n_generate.yaml": with_changes(eval__n_generate=-1),
+    "negative_n_train.yaml": with_changes(n_train={"ag_news": -1, "gsm8k": 4}),
+    "oversized_n_train.yaml": with_changes(n_train={"ag_news": 1000, "gsm8k": 4}),
+    "remote_code.yaml": with_changes(trust_remote_code=True),
+    "cuda.yaml": with_changes(device="cuda"),
+    "bad_device.yaml": with_changes(device="tpu9"),
+    "unknown_method.yaml": with_changes(merges=[{"method": "nope"}]),
+    "unknown_task.yaml": with_changes(tasks=["ag_news", "mnli"]),
+    "string_rank.yaml": with_changes(train__r="sixteen"),
+}
+
+
+def write_weights(folder: Path, source: Path, weights: bytes | None) -> Path:
+    """A copy of an adapter whose weights file is replaced by `weights` (None: keep)."""
+    shutil.copytree(source, folder)
+    if weights is not None:
+        (folder / adapters.WEIGHTS_FILE).write_bytes(weights)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Inputs and output locations every case points at; built once, checked unchanged per case."""
+    w = tmp_path_factory.mktemp("world")
+    make_small_mirror(w / "mirror")
+    shutil.copytree(w / "mirror", w / "bad_mirror")
+    with open(w / "bad_mirror" / "ag_news" / "train.jsonl", "a") as handle:
+        handle.write('{"text": "unterminated\n')
+    a, b = make_adapter(w / "adapters" / "a", 1), make_adapter(w / "adapters" / "b", 2)
+    make_adapter(w / "other_trained", 3)
+    make_adapter(w / "gpt2_adapter", 4, base="tiny-gpt2", targets=("c_attn",))
+    weights = (a / adapters.WEIGHTS_FILE).read_bytes()
+    write_weights(w / "broken" / "truncated", a, weights[: len(weights) // 2])
+    write_weights(w / "broken" / "garbage", a, b"\x00garbage" * 64)
+    write_weights(w / "broken" / "bad_config", a, None)
+    (w / "broken" / "bad_config" / adapters.CONFIG_FILE).write_text("{not json")
+    adapters.merge_adapter_dirs([a, b], "average", w / "merged")
+    record = metrics.result_record(task="ag_news", split="test", n=1, seed=0, model={"label": "x", "kind": "base"},
+                                   metrics={}, primary_metric="accuracy", chance=0.25)
+    metrics.write_result(w / "eval_done", record, [])
+    (w / "file.txt").write_text("precious\n")
+    (w / "foreign").mkdir()
+    (w / "foreign" / "notes.txt").write_text("not ours\n")
+    (w / "not_a_run" / "eval" / "base" / "ag_news").mkdir(parents=True)
+    (w / "not_a_run" / "eval" / "base" / "ag_news" / "metrics.json").write_text("{truncated")
+    (w / "configs").mkdir()
+    for name, text in CONFIGS.items():
+        (w / "configs" / name).write_text(text)
+    (w / "configs" / "ok.yaml").write_text(with_changes())
+    return w
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file's and folder's path under root, with the files' SHA-256."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+M = ["--data-dir", "{w}/mirror"]
+TINY = ["--model", "tiny-llama"]
+TRAIN = ["train", "--task", "ag_news", *TINY, *M]
+EVAL = ["eval", "--task", "ag_news", *TINY, *M]
+EVAL_GSM = ["eval", "--task", "gsm8k", *TINY, *M]
+MERGE = ["merge", "--adapters", "{w}/adapters/a", "{w}/adapters/b"]
+RUN = ["run", *M]
+
+# (case, argv, what the one error line must name)
+CASES = [
+    # merge: outputs that would destroy data, and unreadable inputs
+    ("merge-out-is-file", [*MERGE, "--out", "{w}/file.txt"], "file.txt is an existing file"),
+    ("merge-out-inside-file", [*MERGE, "--out", "{w}/file.txt/sub"], "which is a file"),
+    ("merge-out-foreign-folder", [*MERGE, "--out", "{w}/foreign"], "foreign is a non-empty folder"),
+    ("merge-out-is-input", [*MERGE, "--out", "{w}/adapters/a"], "overlaps the input --adapters"),
+    ("merge-out-inside-input", [*MERGE, "--out", "{w}/adapters/a/merged"], "overlaps the input --adapters"),
+    ("merge-out-holds-inputs", [*MERGE, "--out", "{w}/adapters"], "overlaps the input --adapters"),
+    ("merge-out-earlier-merge", [*MERGE, "--out", "{w}/merged"], "already holds a merged adapter; pass --overwrite"),
+    ("merge-overwrite-other-kind", [*MERGE, "--out", "{w}/other_trained", "--overwrite"],
+     "does not hold a merged adapter"),
+    ("merge-truncated-weights", ["merge", "--adapters", "{w}/adapters/a", "{w}/broken/truncated", "--out", "{w}/new"],
+     "truncated/adapter_model.safetensors: not a readable safetensors file"),
+    ("merge-garbage-weights", ["merge", "--adapters", "{w}/adapters/a", "{w}/broken/garbage", "--out", "{w}/new"],
+     "garbage/adapter_model.safetensors: not a readable safetensors file"),
+    ("merge-malformed-config", ["merge", "--adapters", "{w}/adapters/a", "{w}/broken/bad_config", "--out", "{w}/new"],
+     "bad_config/adapter_config.json: invalid JSON"),
+    ("merge-missing-adapter", ["merge", "--adapters", "{w}/adapters/a", "{w}/nowhere", "--out", "{w}/new"],
+     "nowhere is not a PEFT adapter folder"),
+    ("merge-unknown-method", [*MERGE, "--method", "nope", "--out", "{w}/new"], "'nope'"),
+    ("merge-weight-count", [*MERGE, "--weights", "1", "--out", "{w}/new"], "weights"),
+    ("merge-unknown-param", [*MERGE, "--param", "bogus=1", "--out", "{w}/new"], "bogus"),
+    ("merge-no-out", MERGE, "--out"),
+    # train: sizes, device, data, outputs
+    ("train-batch-size-0", [*TRAIN, "--batch-size", "0", "--out", "{w}/new"], "--batch-size"),
+    ("train-batch-size-negative", [*TRAIN, "--batch-size", "-2", "--out", "{w}/new"], "--batch-size"),
+    ("train-epochs-0", [*TRAIN, "--epochs", "0", "--out", "{w}/new"], "--epochs"),
+    ("train-rank-0", [*TRAIN, "--r", "0", "--out", "{w}/new"], "--r"),
+    ("train-lr-0", [*TRAIN, "--lr", "0", "--out", "{w}/new"], "--lr"),
+    ("train-dropout-1.5", [*TRAIN, "--lora-dropout", "1.5", "--out", "{w}/new"], "--lora-dropout"),
+    ("train-max-length-2", [*TRAIN, "--max-length", "2", "--out", "{w}/new"], "--max-length"),
+    ("train-grad-accum-0", [*TRAIN, "--grad-accum", "0", "--out", "{w}/new"], "--grad-accum"),
+    ("train-n-train-0", [*TRAIN, "--n-train", "0", "--out", "{w}/new"], "--n-train"),
+    ("train-n-train-not-int", [*TRAIN, "--n-train", "many", "--out", "{w}/new"], "--n-train"),
+    ("train-n-train-beyond-split", [*TRAIN, "--n-train", "1000", "--out", "{w}/new"], "--n-train=1000"),
+    ("train-cuda-absent", [*TRAIN, "--device", "cuda", "--out", "{w}/new"], "--device 'cuda'"),
+    ("train-bad-device", [*TRAIN, "--device", "tpu9", "--out", "{w}/new"], "--device 'tpu9'"),
+    ("train-unknown-task", ["train", "--task", "mnli", *TINY, *M, "--out", "{w}/new"], "'mnli'"),
+    ("train-out-is-file", [*TRAIN, "--out", "{w}/file.txt"], "file.txt is an existing file"),
+    ("train-out-earlier-adapter", [*TRAIN, "--out", "{w}/other_trained"], "already holds a trained adapter"),
+    ("train-out-in-data", [*TRAIN, "--out", "{w}/mirror/adapter"], "overlaps the input --data-dir"),
+    ("train-missing-data-dir", ["train", "--task", "ag_news", *TINY, "--data-dir", "{w}/nowhere", "--out", "{w}/new"],
+     "nowhere does not exist"),
+    ("train-malformed-jsonl", ["train", "--task", "ag_news", *TINY, "--data-dir", "{w}/bad_mirror",
+                               "--out", "{w}/new"], "train.jsonl:25: invalid JSON"),
+    # eval: sizes, device, adapters, outputs
+    ("eval-n-eval-0", [*EVAL, "--n-eval", "0", "--out", "{w}/new"], "--n-eval"),
+    ("eval-n-generate-negative", [*EVAL_GSM, "--n-generate", "-1", "--out", "{w}/new"], "--n-generate"),
+    ("eval-batch-size-0", [*EVAL, "--batch-size", "0", "--out", "{w}/new"], "--batch-size"),
+    ("eval-generate-batch-size-0", [*EVAL_GSM, "--generate-batch-size", "0", "--out", "{w}/new"],
+     "--generate-batch-size"),
+    ("eval-max-new-tokens-0", [*EVAL_GSM, "--max-new-tokens", "0", "--out", "{w}/new"], "--max-new-tokens"),
+    ("eval-n-eval-beyond-split", [*EVAL, "--n-eval", "999", "--out", "{w}/new"], "--n-eval=999"),
+    ("eval-unknown-split", [*EVAL, "--split", "dev", "--out", "{w}/new"], "'dev'"),
+    ("eval-cuda-absent", [*EVAL, "--device", "cuda", "--out", "{w}/new"], "--device 'cuda'"),
+    ("eval-out-is-file", [*EVAL, "--n-eval", "4", "--out", "{w}/file.txt"], "file.txt is an existing file"),
+    ("eval-out-earlier-result", [*EVAL, "--n-eval", "4", "--out", "{w}/eval_done"], "already holds an evaluation"),
+    ("eval-out-is-adapter", [*EVAL, "--adapter", "{w}/adapters/a", "--out", "{w}/adapters/a"],
+     "overlaps the input --adapter"),
+    ("eval-truncated-adapter", [*EVAL, "--n-eval", "4", "--adapter", "{w}/broken/truncated", "--out", "{w}/new"],
+     "not a readable safetensors file"),
+    ("eval-garbage-adapter", [*EVAL, "--n-eval", "4", "--adapter", "{w}/broken/garbage", "--out", "{w}/new"],
+     "not a readable safetensors file"),
+    ("eval-adapter-of-other-base", [*EVAL, "--n-eval", "4", "--adapter", "{w}/gpt2_adapter", "--out", "{w}/new"],
+     "was made for base model tiny-gpt2"),
+    # run: every config field and the command line
+    ("run-malformed-yaml", [*RUN, "--config", "{w}/configs/malformed.yaml", "--out", "{w}/new"],
+     "malformed.yaml: not valid YAML"),
+    ("run-yaml-not-mapping", [*RUN, "--config", "{w}/configs/list.yaml", "--out", "{w}/new"],
+     "list.yaml: the config must be a mapping"),
+    ("run-unknown-key", [*RUN, "--config", "{w}/configs/unknown_key.yaml", "--out", "{w}/new"],
+     "unknown_key.yaml: learning_rate: Extra inputs are not permitted"),
+    ("run-train-batch-0", [*RUN, "--config", "{w}/configs/zero_train_batch.yaml", "--out", "{w}/new"],
+     "zero_train_batch.yaml: train.batch_size"),
+    ("run-eval-batch-0", [*RUN, "--config", "{w}/configs/zero_eval_batch.yaml", "--out", "{w}/new"],
+     "zero_eval_batch.yaml: eval.batch_size"),
+    ("run-n-generate-negative", [*RUN, "--config", "{w}/configs/negative_n_generate.yaml", "--out", "{w}/new"],
+     "eval.n_generate"),
+    ("run-n-train-negative", [*RUN, "--config", "{w}/configs/negative_n_train.yaml", "--out", "{w}/new"],
+     "n_train sizes must be positive"),
+    ("run-n-train-beyond-split", [*RUN, "--config", "{w}/configs/oversized_n_train.yaml", "--out", "{w}/new"],
+     "n_train.ag_news=1000"),
+    ("run-remote-code-without-flag", [*RUN, "--config", "{w}/configs/remote_code.yaml", "--out", "{w}/new"],
+     "--trust-remote-code"),
+    ("run-cuda-absent", [*RUN, "--config", "{w}/configs/cuda.yaml", "--out", "{w}/new"], "device 'cuda'"),
+    ("run-bad-device", [*RUN, "--config", "{w}/configs/bad_device.yaml", "--out", "{w}/new"], "device 'tpu9'"),
+    ("run-unknown-method", [*RUN, "--config", "{w}/configs/unknown_method.yaml", "--out", "{w}/new"], "'nope'"),
+    ("run-unknown-task", [*RUN, "--config", "{w}/configs/unknown_task.yaml", "--out", "{w}/new"], "mnli"),
+    ("run-string-rank", [*RUN, "--config", "{w}/configs/string_rank.yaml", "--out", "{w}/new"], "train.r"),
+    ("run-missing-config", [*RUN, "--config", "{w}/configs/nope.yaml", "--out", "{w}/new"],
+     "no config file or preset"),
+    ("run-out-is-file", [*RUN, "--config", "{w}/configs/ok.yaml", "--out", "{w}/file.txt"], "existing file"),
+    ("run-out-foreign-folder", [*RUN, "--config", "{w}/configs/ok.yaml", "--out", "{w}/foreign"],
+     "does not hold a loracombench run"),
+    ("run-out-is-data", [*RUN, "--config", "{w}/configs/ok.yaml", "--out", "{w}/mirror"], "overlaps the input data_dir"),
+    # diagnose, eda, baseline, report
+    ("diagnose-one-adapter", ["diagnose", "--adapters", "{w}/adapters/a", "--out", "{w}/new"], "--adapters"),
+    ("diagnose-out-is-file", ["diagnose", "--adapters", "{w}/adapters/a", "{w}/adapters/b", "--out", "{w}/file.txt"],
+     "existing file"),
+    ("eda-out-foreign-folder", ["eda", *M, "--no-tokens", "--out", "{w}/foreign"], "non-empty folder"),
+    ("eda-missing-data-dir", ["eda", "--data-dir", "{w}/nowhere", "--no-tokens", "--out", "{w}/new"],
+     "does not exist"),
+    ("baseline-n-eval-0", ["baseline", "--task", "ag_news", *M, "--n-eval", "0", "--out", "{w}/new"], "--n-eval"),
+    ("baseline-n-train-beyond-split", ["baseline", "--task", "gsm8k", *M, "--n-train", "50", "--out", "{w}/new"],
+     "--n-train=50"),
+    ("baseline-out-earlier-merge", ["baseline", "--task", "ag_news", *M, "--out", "{w}/merged"], "non-empty folder"),
+    ("report-not-a-run", ["report", "{w}/foreign"], "no results"),
+    ("report-corrupt-result", ["report", "{w}/not_a_run"], "metrics.json: invalid JSON"),
+]
+
+
+@pytest.mark.parametrize("argv, culprit", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, monkeypatch, capsys, argv, culprit):
+    monkeypatch.chdir(world)  # a default output folder would land here too
+    before = tree_digest(world)
+    try:
+        status = main([part.format(w=world) for part in argv])
+    except SystemExit as exit_:  # argparse's own refusals
+        status = exit_.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("loracombench "), err
+    assert culprit in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert tree_digest(world) == before
+
+
+def test_the_table_covers_at_least_40_inputs():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)

@@ -1,0 +1,238 @@
+"""Nothing lost, nothing stale: verified caches, the report's current cells, locks, signals,
+leftovers of killed saves, and outputs that never replace what they were not made for."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import MIRROR, needs_mirror
+from loracombench import cache, io, metrics
+from loracombench.cli import main
+from loracombench.pipeline import Experiment
+from loracombench.tasks import get_task
+from loracombench.tasks.ag_news import AgNews
+from test_bad_inputs import SMOKE, tree_digest
+from test_merge_command import make_adapter
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(autouse=True)
+def fast_bootstrap(monkeypatch):
+    """Fewer macro-F1 bootstrap resamples: these tests check which cells run, not intervals, and
+    the 1,000 default resamples per AG News evaluation dominate a tiny run's time."""
+    monkeypatch.setattr(metrics, "bootstrap_statistic", functools.partial(metrics.bootstrap_statistic, resamples=20))
+
+
+def write_config(tmp_path: Path, **changes) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**SMOKE, **changes}))
+    return path
+
+
+def cached_cells(output: str) -> set[str]:
+    """The cells a run reused, from its log lines '[time] <cell>: cached'."""
+    return {line.split("] ", 1)[1].removesuffix(": cached") for line in output.splitlines()
+            if line.endswith(": cached")}
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@needs_mirror
+def test_damaged_outputs_of_a_finished_run_are_detected_and_recomputed(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--config", "smoke", "--data-dir", str(MIRROR), "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    weights = out / "adapters" / "seed0" / "ag_news" / "adapter_model.safetensors"
+    predictions = out / "eval" / "merge_average_seed0" / "gsm8k" / "predictions.jsonl"
+    originals = {weights: weights.read_bytes(), predictions: predictions.read_bytes()}
+    weights.write_bytes(originals[weights][:1000])
+    predictions.unlink()
+    # What killed saves leave behind: a staging folder of a dead process, and one named before
+    # temporary names carried a pid.
+    leftovers = [out / "adapters" / "seed0" / f".ag_news.{dead_pid()}-abcdefgh.partial", out / "eval" / ".base.abcdefgh.partial"]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert "train ag_news (seed 0): adapter_model.safetensors changed size (1000 bytes" in log
+    assert "eval merge_average_seed0 on gsm8k: predictions.jsonl is missing; recomputing" in log
+    for file, content in originals.items():
+        assert file.read_bytes() == content  # CPU training and scoring are deterministic
+    assert not any(folder.exists() for folder in leftovers)
+    # The retrained expert has the same weights, so every other cell is reused.
+    assert cached_cells(log) == {"train gsm8k (seed 0)", "merge average (seed 0)", "merge task_arithmetic (seed 0)",
+                                 "baselines on ag_news", "baselines on gsm8k"} | {
+        f"eval {slug} on {task}" for slug in ("base", "expert_ag_news_seed0", "expert_gsm8k_seed0",
+                                              "merge_average_seed0", "merge_task_arithmetic_seed0")
+        for task in ("ag_news", "gsm8k")
+    } - {"eval merge_average_seed0 on gsm8k"}
+
+
+def test_a_changed_prompt_recomputes_its_task_cells_and_nothing_else(tmp_path, small_mirror, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(write_config(tmp_path)), "--data-dir", str(small_mirror), "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    original = AgNews.prompt
+    monkeypatch.setattr(AgNews, "prompt", lambda self, row: "News topic?\n" + original(self, row))
+
+    assert main(argv) == 0
+    # AG News training and every AG News evaluation are redone; so is everything built on the
+    # retrained AG News expert (the merge, and its evaluations on GSM8K too).
+    assert cached_cells(capsys.readouterr().out) == {"train gsm8k (seed 0)", "eval base on gsm8k",
+                                                     "eval expert_gsm8k_seed0 on gsm8k"}
+
+
+def test_a_task_fingerprint_follows_its_version_and_code(monkeypatch):
+    ag_news, gsm8k = get_task("ag_news"), get_task("gsm8k")
+    before = (ag_news.fingerprint(), gsm8k.fingerprint())
+    monkeypatch.setattr(AgNews, "version", AgNews.version + 1)
+    assert ag_news.fingerprint() != before[0] and gsm8k.fingerprint() == before[1]
+    monkeypatch.setattr(AgNews, "version", AgNews.version - 1)
+    monkeypatch.setattr(AgNews, "target", lambda self, row: " Topic" + self.choices(row)[self.gold_index(row)])
+    assert ag_news.fingerprint()["code"] != before[0]["code"]
+
+
+def test_a_removed_merge_leaves_the_report_and_is_listed_as_stale(tmp_path, small_mirror, capsys):
+    out = tmp_path / "run"
+    two = write_config(tmp_path, merges=[{"method": "average"}, {"method": "task_arithmetic"}])
+    assert main(["run", "--config", str(two), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
+    one = write_config(tmp_path, merges=[{"method": "average"}])
+    assert main(["run", "--config", str(one), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
+    assert main(["report", str(out)]) == 0  # the rebuilt report says the same
+    capsys.readouterr()
+    with open(out / "results.csv") as handle:
+        assert {row["model"] for row in csv.DictReader(handle)} == {"base", "ag_news expert", "gsm8k expert",
+                                                                  "merge: average"}
+    table = (out / "results.md").read_text()
+    assert "| merge: task_arithmetic |" not in table and "| merge: average |" in table
+    assert "stale" in table and "eval/merge_task_arithmetic_seed0/ag_news, eval/merge_task_arithmetic_seed0/gsm8k" in table
+    assert (out / "eval" / "merge_task_arithmetic_seed0" / "ag_news" / "metrics.json").is_file()  # kept on disk
+
+
+def test_a_second_run_on_a_locked_folder_exits_2_and_changes_nothing(tmp_path, small_mirror, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from loracombench import io\n"
+                               "with io.exclusive_lock(sys.argv[1]):\n    print('locked', flush=True); sys.stdin.read()",
+         str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["run", "--config", str(write_config(tmp_path)), "--data-dir", str(small_mirror), "--out", str(out)]
+        before = tree_digest(tmp_path)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"loracombench run: error: {out} is in use by another loracombench run (pid {holder.pid}); "
+                       f"wait for it to finish, or choose another folder")
+        assert tree_digest(tmp_path) == before
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    with io.exclusive_lock(out):  # released when its holder ended
+        pass
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, small_mirror, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(write_config(tmp_path)), "--data-dir", str(small_mirror), "--out", str(out)]
+    merge_cell = Experiment.merge_cell
+
+    def terminated_during_merge(self, spec, experts):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return merge_cell(self, spec, experts)
+
+    monkeypatch.setattr(Experiment, "merge_cell", terminated_during_merge)
+    assert main(argv) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "terminated; finished cells are kept and a rerun resumes from them")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives only while a command runs
+    assert not (out / "merges").exists()
+    monkeypatch.setattr(Experiment, "merge_cell", merge_cell)
+    assert main(argv) == 0
+    assert {"train ag_news", "train gsm8k"} <= cached_cells(capsys.readouterr().out)
+
+
+def test_a_save_removes_abandoned_temporaries_of_its_target_only(tmp_path):
+    target = tmp_path / "adapter"
+    abandoned = [tmp_path / f".adapter.{dead_pid()}-abcdefgh.partial", tmp_path / ".adapter.abcdefgh.old",
+                 tmp_path / f".adapter.{dead_pid()}-abcdefgh.tmp"]
+    kept = [tmp_path / f".adapter.{os.getpid()}-abcdefgh.partial",  # a save still in progress
+            tmp_path / f".other.{dead_pid()}-abcdefgh.partial", tmp_path / ".adapter.notes"]
+    for path in abandoned[:2] + kept:
+        path.mkdir()
+    abandoned[2].write_text("half")
+    with io.atomic_dir(target) as staging:
+        (staging / "f").write_text("done")
+    assert not any(p.exists() for p in abandoned) and all(p.exists() for p in kept)
+    assert (target / "f").read_text() == "done"
+
+
+def test_a_cell_manifest_detects_every_damage(tmp_path):
+    folder = tmp_path / "cell"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.bin").write_bytes(b"12345")
+    (folder / "sub" / "b.json").write_text("{}")
+    cache.record_outputs(folder, "k1")
+    assert cache.stale_reason(folder, "k1") is None
+    assert cache.stale_reason(folder, "k2") == cache.KEY_CHANGED
+    (folder / "a.bin").write_bytes(b"12345"[::-1])  # same size, other bytes
+    assert "a.bin changed content" in cache.stale_reason(folder, "k1")
+    (folder / "a.bin").write_bytes(b"1234")
+    assert "a.bin changed size" in cache.stale_reason(folder, "k1")
+    (folder / "a.bin").write_bytes(b"12345")
+    (folder / "sub" / "b.json").unlink()
+    assert cache.stale_reason(folder, "k1") == "sub/b.json is missing"
+    (folder / cache.MANIFEST).write_text("{")
+    assert "unreadable" in cache.stale_reason(folder, "k1")
+    assert cache.stale_reason(tmp_path / "never", "k1") == cache.NOT_COMPUTED
+
+
+def test_merge_replaces_an_earlier_merge_only_with_overwrite(tmp_path, capsys):
+    a, b = make_adapter(tmp_path / "a", 1), make_adapter(tmp_path / "b", 2)
+    out = tmp_path / "merged"
+    base = ["merge", "--adapters", str(a), str(b), "--out", str(out)]
+    assert main([*base, "--method", "average"]) == 0
+    before = tree_digest(tmp_path)
+    assert main([*base, "--method", "task_arithmetic"]) == 2
+    assert "already holds a merged adapter; pass --overwrite" in capsys.readouterr().err
+    assert tree_digest(tmp_path) == before
+    assert main([*base, "--method", "task_arithmetic", "--overwrite"]) == 0
+    assert io.read_json(out / "loracombench.json")["method"] == "task_arithmetic"
+    after = tree_digest(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("merged")} == {
+        k: v for k, v in before.items() if not k.startswith("merged")}  # the inputs are untouched
+
+
+def test_run_refuses_remote_code_without_the_flag_but_accepts_it_with(tmp_path, small_mirror, monkeypatch):
+    config = write_config(tmp_path, trust_remote_code=True)
+    argv = ["run", "--config", str(config), "--data-dir", str(small_mirror), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert not (tmp_path / "run").exists()
+    seen = []
+
+    def stub_run(self):  # the experiment itself is tested elsewhere
+        seen.append(self.config.trust_remote_code)
+        (self.out / "results.md").write_text("table\n")
+        return self.out
+
+    monkeypatch.setattr(Experiment, "run", stub_run)
+    assert main([*argv, "--trust-remote-code"]) == 0
+    assert seen == [True]
