@@ -167,7 +167,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, small_mirror, c
     assert not (out / "merges").exists()
     monkeypatch.setattr(Experiment, "merge_cell", merge_cell)
     assert main(argv) == 0
-    assert {"train ag_news", "train gsm8k"} <= cached_cells(capsys.readouterr().out)
+    assert {"train ag_news (seed 0)", "train gsm8k (seed 0)"} <= cached_cells(capsys.readouterr().out)
 
 
 def test_a_save_removes_abandoned_temporaries_of_its_target_only(tmp_path):

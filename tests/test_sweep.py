@@ -47,7 +47,8 @@ def test_sweep_trains_each_rate_scores_validation_and_resumes(tmp_path, small_mi
     assert record["split"] == "validation" and record["n"] == 2
     capsys.readouterr()
     assert main(argv) == 0
-    assert capsys.readouterr().out.count("cached") == 4  # four trained experts; their scores are reused too
+    log = capsys.readouterr().out
+    assert log.count("(seed 0): cached") == 4 and log.count("validation expert_") == 4  # nothing recomputed
 
 
 def test_verbalizer_comparison_scores_each_label_set(tmp_path, small_mirror):

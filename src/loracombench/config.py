@@ -103,6 +103,9 @@ class ExperimentConfig(Strict):
     # the training sample (data_seed) and the evaluation sample stay fixed, so models pair up.
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    # Per-task changes to `train`, e.g. {gsm8k: {learning_rate: 2.0e-3}} where the validation
+    # sweep chose different rates for different tasks.
+    train_per_task: dict[str, dict] = Field(default_factory=dict)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(method="average")])
     baselines: bool = True
@@ -123,6 +126,22 @@ class ExperimentConfig(Strict):
         if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
             raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
         return seeds
+
+    def train_settings(self, task: str, seed: int) -> TrainSettings:
+        """The training settings of one task's expert at one seed."""
+        return TrainSettings.model_validate({**self.train.model_dump(), **self.train_per_task.get(task, {}),
+                                             "seed": seed})
+
+    @model_validator(mode="after")
+    def _per_task_settings_are_valid(self) -> "ExperimentConfig":
+        unknown = sorted(set(self.train_per_task) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"train_per_task names tasks that are not run: {unknown}; tasks: {self.tasks}")
+        for task, changes in self.train_per_task.items():
+            if "seed" in changes:
+                raise ValueError(f"train_per_task.{task}.seed: seeds are given by `seeds: [...]`")
+            self.train_settings(task, self.seeds[0])
+        return self
 
     @model_validator(mode="after")
     def _seed_given_once(self) -> "ExperimentConfig":

@@ -100,7 +100,7 @@ class Experiment:
     # ------------------------------------------------------------ cells
 
     def train_cell(self, task: str, fingerprint: dict, seed: int) -> ModelEntry:
-        settings = self.config.train.model_copy(update={"seed": seed})
+        settings = self.config.train_settings(task, seed)
         key = cell_key({"base": fingerprint, "task": task, "n": self.config.n_train[task],
                         "data_seed": self.config.data_seed, "data": self.data_source,
                         "train": settings.result_settings()}, task)

@@ -56,7 +56,8 @@ def sweep_learning_rates(config: ExperimentConfig, learning_rates: list[float], 
         rows = None
         points = []
         for rate in learning_rates:
-            trial = config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": rate})})
+            trial = config.model_copy(update={"train_per_task": {name: {
+                **config.train_per_task.get(name, {}), "learning_rate": rate}}})
             experiment = Experiment(trial, out / f"lr{rate:g}", progress)
             rows = rows or validation_rows(experiment, name, n_validation.get(name))
             entry = experiment.train_cell(name, fingerprint, seed)
