@@ -7,7 +7,7 @@ topic name as the continuation of the prompt.
 
 from __future__ import annotations
 
-from .base import Task
+from .base import ReportMetric, Task
 
 LABELS = ("World", "Sports", "Business", "Sci/Tech")
 
@@ -23,6 +23,11 @@ class AgNews(Task):
     primary_metric = "accuracy"
     chance = 1 / len(LABELS)
     labels = LABELS
+    report_metrics = (
+        ReportMetric("accuracy", "AG News acc", True, "binary", field="correct"),
+        ReportMetric("macro_f1", "AG News macro-F1", True, "macro_f1", n_classes=len(LABELS)),
+    )
+    retention_metric = "accuracy"
     # The label is scored as a continuation, never generated: an EOS after it would only spend
     # the small training budget on a token the evaluation never reads.
     target_ends_with_eos = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .base import Task
+from .base import ReportMetric, Task
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 _STRICT = re.compile(r"#### (\-?[0-9\.\,\$]+)")
@@ -63,6 +63,14 @@ class Gsm8k(Task):
     kind = "generation"
     primary_metric = "exact_match_flexible"
     chance = 0.0
+    report_metrics = (
+        ReportMetric("exact_match_flexible", "GSM8K EM (flexible)", True, "binary", field="correct_flexible"),
+        ReportMetric("exact_match_strict", "GSM8K EM (strict)", True, "binary", field="correct_strict"),
+        ReportMetric("gold_nll", "GSM8K gold NLL ↓", False, "mean", field="gold_nll"),
+    )
+    # A small model's exact match is near zero for base and expert alike, so retention on it is
+    # noise over noise; the gold NLL moves with every adapter.
+    retention_metric = "gold_nll"
     stop_strings = STOP_STRINGS
 
     def prompt(self, row: dict) -> str:
