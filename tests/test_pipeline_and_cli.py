@@ -35,7 +35,9 @@ def test_run_resumes_from_finished_cells_and_reports(tmp_path, small_mirror, cap
     models = {r["model"] for r in rows}
     assert models == {"base", "ag_news expert", "gsm8k expert", "merge: average"}
     assert {r["metric"] for r in rows} >= {"accuracy", "macro_f1", "gold_nll", "exact_match_flexible"}
-    assert all(float(r["ci_low"]) <= float(r["value"]) + 1e-9 for r in rows)
+    scores = [r for r in rows if r["statistic"] == "score"]
+    assert all(float(r["ci_low"]) <= float(r["value"]) + 1e-9 for r in scores)
+    assert {r["comparator"] for r in rows if r["statistic"] == "difference"} == {"ag_news expert", "gsm8k expert"}
     assert (out / "results.png").stat().st_size > 5000
     stamp = (out / "eval" / "merge_average_seed0" / "ag_news" / "metrics.json").stat().st_mtime_ns
 

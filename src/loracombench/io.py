@@ -125,6 +125,10 @@ def read_json(path: str | Path):
         raise FileFormatError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
 
 
+def read_jsonl(path: str | Path) -> list:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; move it into place only on success.

@@ -125,3 +125,10 @@ def read_result(out_dir: str | Path) -> dict:
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         raise ValueError(f"{out_dir}/metrics.json is not a {SCHEMA} result")
     return record
+
+
+def read_predictions(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "predictions.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: every result folder holds predictions.jsonl beside metrics.json")
+    return io.read_jsonl(path)

@@ -1,7 +1,33 @@
-"""Tables and plots built from result files alone (eval/<model>/<task>/metrics.json).
+"""Tables and plots built from result files alone (eval/<model>/<task>/{metrics.json, predictions.jsonl}).
 
 A run records which result folders are its current cells (current_results.json); the report
 shows exactly those, and lists any other result folder under eval/ as stale, never as a row.
+
+Each task declares what the report shows (Task.report_metrics, Task.retention_metric), so a new
+task needs no edit here. results.md holds three tables:
+
+- scores: every model on every declared metric with its 95% interval; a compressed merge also
+  shows its stored ΔW error. A label trained with several seeds gets one row per seed
+  ("label (seed s)") and a "label: mean ± std over N seeds" row.
+- paired comparisons: every composed model (any kind but base, expert, baseline) against the
+  original's factor average ("merge: average") and against each expert of the same seed, on
+  the examples both answered (matched by "index"); see stats.py for the tests and intervals.
+  Holm adjusts across the composed models of one seed, per task, metric and comparator.
+- retention: (model − base)/(expert − base) on each task's retention metric, against that
+  task's expert of the same seed, with a paired-bootstrap interval.
+
+results.csv is long format, one number per row, with the columns CSV_COLUMNS:
+  statistic       "score" (a model's metric on a task), "difference" (model − comparator),
+                  "retention", "score mean over seeds", "retention mean over seeds"
+  model, kind     the label (the same across seeds) and base|expert|merge|baseline
+  seed            the training seed; empty for base, baselines and means over seeds
+  task, split, metric
+  comparator      difference: the other model's label; retention: the task's expert; else empty
+  value, ci_low, ci_high, n, interval   the number, its 95% interval, examples, interval method
+  std, n_seeds    for means over seeds (sample standard deviation)
+  test, p, p_holm, survives_holm        for differences
+  relative_error  a compressed merge's relative error of its stored update, else empty
+A number that is undefined (retention when the expert does not move the score) is empty.
 """
 
 from __future__ import annotations
@@ -10,19 +36,20 @@ import csv
 import io as stdio
 from pathlib import Path
 
-from . import io, metrics
+import numpy as np
+
+from . import io, metrics, stats
+from .tasks import get_task
 
 CURRENT_RESULTS = "current_results.json"
 CURRENT_SCHEMA = "loracombench.current-results/1"
 KIND_ORDER = {"base": 0, "expert": 1, "merge": 2, "baseline": 3}
-# (task, metric, column title, higher is better)
-COLUMNS = [
-    ("ag_news", "accuracy", "AG News acc", True),
-    ("ag_news", "macro_f1", "AG News macro-F1", True),
-    ("gsm8k", "exact_match_flexible", "GSM8K EM (flexible)", True),
-    ("gsm8k", "exact_match_strict", "GSM8K EM (strict)", True),
-    ("gsm8k", "gold_nll", "GSM8K gold NLL ↓", False),
-]
+NOT_COMPOSED = ("base", "expert", "baseline")
+AVERAGE_LABEL = "merge: average"
+ALPHA = 0.05
+CSV_COLUMNS = ["statistic", "model", "kind", "seed", "task", "split", "metric", "comparator", "value",
+               "ci_low", "ci_high", "n", "interval", "std", "n_seeds", "test", "p", "p_holm", "survives_holm",
+               "relative_error"]
 
 
 def write_current_results(run_dir: str | Path, folders: list[Path]) -> Path:
@@ -78,15 +105,27 @@ def stale_note(run_dir: str | Path) -> str:
             f"config (kept on disk, safe to delete): {', '.join(stale)}.\n")
 
 
-def long_rows(records: list[dict]) -> list[dict]:
-    rows = []
-    for record in records:
-        for name, value in record["metrics"].items():
-            rows.append({"model": record["model"]["label"], "kind": record["model"].get("kind", ""),
-                         "task": record["task"], "split": record["split"], "metric": name,
-                         "value": value["value"], "ci_low": value["ci_low"], "ci_high": value["ci_high"],
-                         "n": value["n"], "interval": value["interval"]})
-    return rows
+# ---------------------------------------------------------------- models, seeds, columns
+
+def seed_of(record: dict):
+    return record["model"].get("seed")
+
+
+def _seed_order(seed) -> tuple:
+    return (seed is not None, seed if seed is not None else 0)
+
+
+def is_composed(record: dict) -> bool:
+    return record["model"].get("kind") not in NOT_COMPOSED
+
+
+def expert_task(model: dict) -> str | None:
+    """The task an expert was trained on: model["task"] if recorded, else from its label
+    ("<task> expert", as the pipeline names experts)."""
+    if model.get("kind") != "expert":
+        return None
+    label = model["label"]
+    return model.get("task") or (label[: -len(" expert")] if label.endswith(" expert") else None)
 
 
 def model_order(records: list[dict]) -> list[str]:
@@ -97,68 +136,364 @@ def model_order(records: list[dict]) -> list[str]:
     return sorted(seen, key=seen.get)
 
 
+def seeds_by_label(records: list[dict]) -> dict[str, list]:
+    seeds: dict[str, set] = {}
+    for record in records:
+        seeds.setdefault(record["model"]["label"], set()).add(seed_of(record))
+    return {label: sorted(values, key=_seed_order) for label, values in seeds.items()}
+
+
+def several_seeds(records: list[dict]) -> bool:
+    return any(len(seeds) > 1 for seeds in seeds_by_label(records).values())
+
+
+def row_name(label: str, seed, seeds: dict[str, list]) -> str:
+    """Single-seed labels keep their name; a label run with several seeds names the seed."""
+    return label if len(seeds[label]) <= 1 else f"{label} (seed {seed})"
+
+
+def mean_row_name(label: str, n_seeds: int) -> str:
+    return f"{label}: mean ± std over {n_seeds} seeds"
+
+
+def table_tasks(records: list[dict]) -> list:
+    return [get_task(name) for name in sorted({r["task"] for r in records})]
+
+
+def columns(records: list[dict]) -> list[tuple]:
+    """(task, declared metric) for every declared metric some record of the task has."""
+    present = {(r["task"], name) for r in records for name in r["metrics"]}
+    return [(task, metric) for task in table_tasks(records) for metric in task.report_metrics
+            if (task.name, metric.name) in present]
+
+
+def relative_error(record: dict) -> float | None:
+    return record["model"].get("relative_error")
+
+
+# ---------------------------------------------------------------- formatting
+
 def _cell(value: dict | None, digits: int = 3) -> str:
-    if value is None:
+    if value is None or value.get("value") is None:
         return "–"
+    if value.get("ci_low") is None:
+        return f"{value['value']:.{digits}f}"
     return f"{value['value']:.{digits}f} [{value['ci_low']:.{digits}f}, {value['ci_high']:.{digits}f}]"
 
 
-def markdown_table(records: list[dict]) -> str:
-    tasks = {r["task"] for r in records}
-    columns = [c for c in COLUMNS if c[0] in tasks]
-    index = {(r["model"]["label"], r["task"]): r["metrics"] for r in records}
-    lines = ["| model | " + " | ".join(c[2] for c in columns) + " |",
-             "| --- | " + " | ".join("---" for _ in columns) + " |"]
+def _signed_cell(value: dict, digits: int = 3) -> str:
+    return f"{value['value']:+.{digits}f} [{value['ci_low']:+.{digits}f}, {value['ci_high']:+.{digits}f}]"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "–"
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def _mean_std(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def seeded_rows(cells: dict[tuple, list[dict | None]], records: list[dict]) -> list[list[str]]:
+    """Table rows from {(label, seed): [value dict or None per column]}, in model order: one row
+    per seed, and for a label with several seeds a "mean ± std" row over its seeds' values."""
+    seeds = seeds_by_label(records)
+    rows = []
     for label in model_order(records):
-        cells = [_cell(index.get((label, task), {}).get(metric)) for task, metric, _, _ in columns]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        group = sorted((seed for name, seed in cells if name == label), key=_seed_order)
+        rows += [[row_name(label, seed, seeds), *map(_cell, cells[(label, seed)])] for seed in group]
+        if len(group) > 1:
+            per_column = zip(*(cells[(label, seed)] for seed in group))
+            rows.append([mean_row_name(label, len(group)),
+                         *(_mean_std([c["value"] for c in column if c and c.get("value") is not None])
+                           for column in per_column)])
+    return rows
+
+
+# ---------------------------------------------------------------- the score table
+
+def markdown_table(records: list[dict]) -> str:
+    shown = columns(records)
+    values = {(r["model"]["label"], seed_of(r), r["task"], name): value
+              for r in records for name, value in r["metrics"].items()}
+    errors = {(r["model"]["label"], seed_of(r)): relative_error(r) for r in records if relative_error(r) is not None}
+    cells = {}
+    for record in records:
+        key = (record["model"]["label"], seed_of(record))
+        cells[key] = [values.get((*key, task.name, metric.name)) for task, metric in shown]
+        if errors:
+            cells[key].append({"value": errors[key]} if key in errors else None)
+    header = ["model", *(metric.title for _, metric in shown)] + (["stored ΔW error"] if errors else [])
+    rows = seeded_rows(cells, records)
     notes = ["Brackets: 95% intervals (Wilson for accuracies, bootstrap for F1 and NLL)."]
-    for task in sorted(tasks):
-        of_task = [r for r in records if r["task"] == task]
+    if errors:
+        notes.append("stored ΔW error: a compressed merge's relative Frobenius error of its stored update "
+                     "against the method's exact update (max over modules); – = stored exactly.")
+    for task in table_tasks(records):
+        of_task = [r for r in records if r["task"] == task.name]
         record = next((r for r in of_task if r["model"].get("kind") != "baseline"), of_task[0])
-        generated = record["metrics"].get("exact_match_flexible", {}).get("n")
-        notes.append(f"{task}: {record['n']} {record['split']} examples"
-                     + (f", the first {generated} answered by generation" if generated else "")
-                     + f"; chance {record['chance']:.2f}")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+        partial = [f"{metric.title} on the first {record['metrics'][metric.name]['n']}"
+                   for metric in task.report_metrics
+                   if metric.name in record["metrics"] and record["metrics"][metric.name]["n"] != record["n"]]
+        notes.append(f"{task.name}: {record['n']} {record['split']} examples"
+                     + (f" ({', '.join(partial)})" if partial else "") + f"; chance {record['chance']:.2f}")
+    return "\n".join(_markdown(header, rows)) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+# ---------------------------------------------------------------- paired outputs
+
+def _outputs(metric, rows: dict[int, dict]) -> dict[int, object]:
+    """Per-example output that the metric's paired comparison reads, by example index."""
+    field = "prediction" if metric.paired == "macro_f1" else metric.field
+    return {index: row[field] for index, row in rows.items() if row.get(field) is not None}
+
+
+def paired_outputs(metric, *prediction_sets: dict[int, dict]) -> tuple[list, list | None]:
+    """The metric's outputs of each model on the examples all of them answered, and the gold
+    labels for macro-F1. Rows are matched by their "index"; a mismatched gold means the
+    predictions are not of the same examples."""
+    outputs = [_outputs(metric, rows) for rows in prediction_sets]
+    shared = sorted(set.intersection(*(set(o) for o in outputs)))
+    for index in shared:
+        golds = {str(rows[index].get("gold")) for rows in prediction_sets}
+        if len(golds) > 1:
+            raise ValueError(f"example {index} has different gold answers across models ({', '.join(sorted(golds))}):"
+                             " not the same examples, or scored by different versions (start a fresh --out)")
+    gold = [prediction_sets[0][i]["gold"] for i in shared] if metric.paired == "macro_f1" else None
+    return [[o[i] for i in shared] for o in outputs], gold
+
+
+def load_predictions(run_dir: Path, records: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """Predictions by (label, seed, task), then by example index, for the models paired statistics
+    involve (base, experts, composed models): eval/<slug>/<task>/predictions.jsonl."""
+    loaded = {}
+    for record in records:
+        model = record["model"]
+        if model.get("kind") == "baseline":
+            continue
+        if not model.get("slug"):
+            raise ValueError(f"result of {model['label']!r} on {record['task']} has no model slug: "
+                             "cannot find its predictions.jsonl")
+        rows = metrics.read_predictions(run_dir / "eval" / model["slug"] / record["task"])
+        loaded[(model["label"], seed_of(record), record["task"])] = {row["index"]: row for row in rows}
+    return loaded
+
+
+def _key(record: dict) -> tuple:
+    return record["model"]["label"], seed_of(record), record["task"]
+
+
+def _same_examples(first: dict, second: dict) -> None:
+    if (first["split"], first["n"]) != (second["split"], second["n"]):
+        raise ValueError(f"cannot pair {first['model']['label']!r} and {second['model']['label']!r} on "
+                         f"{first['task']}: evaluated on {first['split']}/{first['n']} and "
+                         f"{second['split']}/{second['n']} examples")
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+def comparators(record: dict, records: list[dict]) -> list[dict]:
+    """The average (unless the record is it) and every expert, of the same seed and task."""
+    same = [r for r in records if r["task"] == record["task"] and seed_of(r) == seed_of(record)]
+    average = [r for r in same if r["model"]["label"] == AVERAGE_LABEL and r is not record]
+    experts = sorted((r for r in same if r["model"].get("kind") == "expert"), key=lambda r: r["model"]["label"])
+    return average + experts
+
+
+def paired_comparisons(records: list[dict], predictions: dict) -> list[dict]:
+    """model − comparator for every composed model, comparator and declared metric, with the
+    test's p and its Holm adjustment within (task, metric, comparator, seed)."""
+    results = []
+    for record in filter(is_composed, records):
+        task = get_task(record["task"])
+        for other in comparators(record, records):
+            _same_examples(record, other)
+            for metric in task.report_metrics:
+                if metric.name not in record["metrics"] or metric.name not in other["metrics"]:
+                    continue
+                (first, second), gold = paired_outputs(metric, predictions[_key(record)], predictions[_key(other)])
+                if not first:
+                    continue
+                compared = stats.compare_paired(metric.paired, first, second, gold=gold, n_classes=metric.n_classes)
+                results.append({"label": record["model"]["label"], "kind": record["model"].get("kind", ""),
+                                "seed": seed_of(record), "task": task.name, "split": record["split"],
+                                "metric": metric, "comparator": other["model"]["label"], **compared})
+    families: dict[tuple, list[dict]] = {}
+    for row in results:
+        families.setdefault((row["task"], row["metric"].name, row["comparator"], row["seed"]), []).append(row)
+    for family in families.values():
+        for row, adjusted in zip(family, stats.holm([row["p"] for row in family])):
+            row["p_holm"] = adjusted
+            row["survives_holm"] = adjusted < ALPHA
+    return results
+
+
+def _verdict(row: dict) -> str:
+    if not row["survives_holm"]:
+        return ""
+    better = (row["value"] > 0) == row["metric"].higher_is_better
+    return "✓ better" if better else "✓ worse"
+
+
+def comparison_table(comparisons: list[dict], records: list[dict]) -> str:
+    """One table per task and metric (its test in the heading), comparator by comparator."""
+    seeds = seeds_by_label(records)
+    order = {label: i for i, label in enumerate(model_order(records))}
+    header = ["model", "vs", "n", "difference [95% CI]", "p", "Holm p", f"Holm {ALPHA}"]
+    parts = []
+    for task, metric in columns(records):
+        shown = sorted((row for row in comparisons if row["task"] == task.name and row["metric"] == metric),
+                       key=lambda row: (row["comparator"] != AVERAGE_LABEL, row["comparator"],
+                                        _seed_order(row["seed"]), order[row["label"]]))
+        if shown:
+            rows = [[row_name(row["label"], row["seed"], seeds), row["comparator"], str(row["n"]), _signed_cell(row),
+                     _p(row["p"]), _p(row["p_holm"]), _verdict(row)] for row in shown]
+            parts.append(f"### {metric.title} ({shown[0]['test']})\n\n" + "\n".join(_markdown(header, rows)) + "\n")
+    notes = ["difference: model − comparator on the examples both answered (matched by index), with a "
+             "paired-bootstrap 95% interval; for a ↓ metric a negative difference is better.",
+             "tests: exact McNemar for 0/1 outcomes, paired permutation test for means and macro-F1.",
+             f"Holm p: adjusted across the composed models{' of a seed' if several_seeds(records) else ''}, "
+             f"per task, metric and comparator; ✓ where it stays below {ALPHA}."]
+    return "\n".join(f"- {note}" for note in notes) + "\n\n" + "\n".join(parts)
+
+
+# ---------------------------------------------------------------- retention
+
+def retention_rows(records: list[dict], predictions: dict) -> list[dict]:
+    """Retention of every composed model on every task whose base and own expert (same seed) exist."""
+    results = []
+    for record in filter(is_composed, records):
+        task = get_task(record["task"])
+        of_task = [r for r in records if r["task"] == task.name]
+        base = next((r for r in of_task if r["model"].get("kind") == "base"), None)
+        expert = next((r for r in of_task if expert_task(r["model"]) == task.name
+                       and seed_of(r) == seed_of(record)), None)
+        if base is None or expert is None:
+            continue
+        metric = task.report_metric(task.retention_metric)
+        if any(metric.name not in r["metrics"] for r in (record, base, expert)):
+            continue
+        for other in (base, expert):
+            _same_examples(record, other)
+        (model_out, base_out, expert_out), gold = paired_outputs(
+            metric, predictions[_key(record)], predictions[_key(base)], predictions[_key(expert)])
+        if not model_out:
+            continue
+        scores = [stats.score_of(metric.paired, outputs, gold=gold, n_classes=metric.n_classes)
+                  for outputs in (model_out, base_out, expert_out)]
+        results.append({"label": record["model"]["label"], "kind": record["model"].get("kind", ""),
+                        "seed": seed_of(record), "task": task.name, "split": record["split"], "metric": metric,
+                        "comparator": expert["model"]["label"], **stats.retention(*scores, len(model_out))})
+    return results
+
+
+def retention_table(retention: list[dict], records: list[dict]) -> str:
+    tasks = [task for task in table_tasks(records) if any(r["task"] == task.name for r in retention)]
+    by_task = {(r["label"], r["seed"], r["task"]): r for r in retention}
+    cells = {(r["label"], r["seed"]): [by_task.get((r["label"], r["seed"], task.name)) for task in tasks]
+             for r in retention}
+    header = ["model", *(f"{task.name} retention ({task.retention_metric})" for task in tasks)]
+    rows = seeded_rows(cells, records)
+    same_seed = " of the same seed" if several_seeds(records) else ""
+    notes = [f"retention = (model − base) / (expert − base) against the task's own expert{same_seed}; "
+             "for NLL the gains are base − model and base − expert. 1: the expert's whole gain, 0: none.",
+             "Brackets: paired-bootstrap 95% intervals (examples resampled jointly for model, base and expert); "
+             "– where the expert does not move the score off the base."]
+    return "\n".join(_markdown(header, rows)) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+# ---------------------------------------------------------------- results.csv
+
+def long_rows(records: list[dict], comparisons: list[dict] = (), retention: list[dict] = ()) -> list[dict]:
+    rows = []
+    for record in records:
+        model = record["model"]
+        for name, value in record["metrics"].items():
+            rows.append({"statistic": "score", "model": model["label"], "kind": model.get("kind", ""),
+                         "seed": seed_of(record), "task": record["task"], "split": record["split"], "metric": name,
+                         **{k: value[k] for k in ("value", "ci_low", "ci_high", "n", "interval")},
+                         "relative_error": relative_error(record)})
+    rows += _seed_means(rows, "score")
+    for row in comparisons:
+        rows.append({**_interval_fields(row), "statistic": "difference", "test": row["test"], "p": row["p"],
+                     "p_holm": row["p_holm"], "survives_holm": row["survives_holm"]})
+    retained = [{**_interval_fields(row), "statistic": "retention"} for row in retention]
+    return rows + retained + _seed_means(retained, "retention")
+
+
+def _interval_fields(row: dict) -> dict:
+    return {"model": row["label"], "kind": row["kind"], "seed": row["seed"], "task": row["task"],
+            "split": row["split"], "metric": row["metric"].name, "comparator": row["comparator"],
+            **{k: row[k] for k in ("value", "ci_low", "ci_high", "n", "interval")}}
+
+
+def _seed_means(rows: list[dict], statistic: str) -> list[dict]:
+    """Mean and sample std over seeds of every (model, task, metric) that has several seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["kind"], row["task"], row["split"], row["metric"]), []).append(row)
+    means = []
+    for (model, kind, task, split, metric), group in groups.items():
+        values = [row["value"] for row in group if row["value"] is not None]
+        if len({row["seed"] for row in group}) < 2 or not values:
+            continue
+        means.append({"statistic": f"{statistic} mean over seeds", "model": model, "kind": kind, "task": task,
+                      "split": split, "metric": metric, "comparator": group[0].get("comparator"),
+                      "value": float(np.mean(values)),
+                      "std": float(np.std(values, ddof=1)) if len(values) > 1 else None, "n_seeds": len(values)})
+    return means
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     buffer = stdio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, restval="")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
     io.write_text(path, buffer.getvalue())
 
 
+# ---------------------------------------------------------------- plot
+
 def plot(records: list[dict], path: Path) -> None:
-    """One panel per headline metric: bars with 95% intervals, models in table order."""
+    """One panel per task's primary and retention metric: bars with 95% intervals, rows in table order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = {r["task"] for r in records}
-    panels = [c for c in COLUMNS if c[0] in tasks and c[1] in ("accuracy", "exact_match_flexible", "gold_nll")]
-    labels = model_order(records)
-    index = {(r["model"]["label"], r["task"]): r for r in records}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.38 * len(labels) + 2.2), squeeze=False)
+    panels = [(task, metric) for task, metric in columns(records)
+              if metric.name in (task.primary_metric, task.retention_metric)]
+    seeds = seeds_by_label(records)
+    rows = [(label, seed) for label in model_order(records) for seed in seeds[label]]
+    names = [row_name(label, seed, seeds) for label, seed in rows]
+    index = {(r["model"]["label"], seed_of(r), r["task"]): r for r in records}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.38 * len(rows) + 2.2), squeeze=False)
     colours = {"base": "#7f7f7f", "expert": "#1f77b4", "merge": "#d62728", "baseline": "#bcbd22"}
-    for ax, (task, metric, title, higher) in zip(axes[0], panels):
-        shown = [(i, index[(label, task)]) for i, label in enumerate(labels)
-                 if (label, task) in index and metric in index[(label, task)]["metrics"]]
+    for ax, (task, metric) in zip(axes[0], panels):
+        shown = [(i, index[(label, seed, task.name)]) for i, (label, seed) in enumerate(rows)
+                 if (label, seed, task.name) in index and metric.name in index[(label, seed, task.name)]["metrics"]]
         for i, record in shown:
-            value = record["metrics"][metric]
+            value = record["metrics"][metric.name]
             ax.barh(i, value["value"], color=colours.get(record["model"].get("kind"), "#444"),
                     xerr=[[max(0.0, value["value"] - value["ci_low"])], [max(0.0, value["ci_high"] - value["value"])]],
                     capsize=3)
         chance = next((r["chance"] for _, r in shown), None)
-        if higher and chance:
+        if metric.higher_is_better and chance:
             ax.axvline(chance, color="black", linestyle=":", linewidth=1, label="chance")
             ax.legend(loc="lower right", fontsize=8)
-        ax.set_yticks(range(len(labels)), labels if ax is axes[0][0] else [""] * len(labels))
-        ax.set_ylim(len(labels) - 0.5, -0.5)  # the same rows in every panel, first model on top
-        ax.set_title(title)
+        ax.set_yticks(range(len(rows)), names if ax is axes[0][0] else [""] * len(rows))
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # the same rows in every panel, first model on top
+        ax.set_title(metric.title)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("LoRA composition: every model on every task (95% intervals)")
     fig.tight_layout()
@@ -167,10 +502,24 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- everything
+
+def report_markdown(records: list[dict], comparisons: list[dict], retention: list[dict]) -> str:
+    parts = ["## Scores\n\n" + markdown_table(records)]
+    if comparisons:
+        parts.append("## Paired comparisons\n\n" + comparison_table(comparisons, records))
+    if retention:
+        parts.append("## Retention\n\n" + retention_table(retention, records))
+    return "\n".join(parts)
+
+
 def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = collect(run_dir)
-    write_csv(long_rows(records), run_dir / "results.csv")
-    io.write_text(run_dir / "results.md", markdown_table(records) + stale_note(run_dir))
+    predictions = load_predictions(run_dir, records)
+    comparisons = paired_comparisons(records, predictions)
+    retention = retention_rows(records, predictions)
+    write_csv(long_rows(records, comparisons, retention), run_dir / "results.csv")
+    io.write_text(run_dir / "results.md", report_markdown(records, comparisons, retention) + stale_note(run_dir))
     plot(records, run_dir / "results.png")
     return run_dir

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .ag_news import AgNews
-from .base import Task
+from .base import ReportMetric, Task
 from .gsm8k import Gsm8k
 
 TASKS: dict[str, Task] = {}
@@ -12,6 +12,9 @@ TASKS: dict[str, Task] = {}
 def register(task: Task) -> None:
     if task.name in TASKS:
         raise ValueError(f"task {task.name!r} is already registered")
+    if not getattr(task, "report_metrics", ()):
+        raise ValueError(f"task {task.name!r} declares no report_metrics: the report would show nothing for it")
+    task.report_metric(getattr(task, "retention_metric", None))  # one the report does not show is a typo
     TASKS[task.name] = task
 
 
@@ -25,4 +28,4 @@ def get_task(name: str) -> Task:
 register(AgNews())
 register(Gsm8k())
 
-__all__ = ["TASKS", "Task", "get_task", "register"]
+__all__ = ["TASKS", "ReportMetric", "Task", "get_task", "register"]

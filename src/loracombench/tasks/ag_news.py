@@ -7,7 +7,7 @@ topic name as the continuation of the prompt.
 
 from __future__ import annotations
 
-from .base import Task
+from .base import ReportMetric, Task
 
 # The dataset calls class 3 "Sci/Tech"; as a continuation that is three tokens for SmolLM2 and
 # GPT-2 alike, and summed log-likelihood then never picks it: the base model predicted it for 0 of
@@ -31,6 +31,12 @@ class AgNews(Task):
     chance = 1 / len(LABELS)
     labels = LABELS  # the words scored and trained on
     class_names = DATASET_LABELS  # what the dataset calls the classes (EDA)
+    report_metrics = (
+        ReportMetric("accuracy", "AG News acc", True, "binary", field="correct"),
+        ReportMetric("accuracy_norm", "AG News acc_norm", True, "binary", field="correct_norm"),
+        ReportMetric("macro_f1", "AG News macro-F1", True, "macro_f1", n_classes=len(LABELS)),
+    )
+    retention_metric = "accuracy"
     # The label is scored as a continuation, never generated: an EOS after it would only spend
     # the small training budget on a token the evaluation never reads.
     target_ends_with_eos = False

@@ -6,10 +6,37 @@ import hashlib
 import inspect
 import sys
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
+
+from ..stats import PAIRED_COMPARISONS
 
 # The methods that decide what a model is trained on and how it is scored.
 _BEHAVIOUR = ("prompt", "target", "choices", "gold_index", "check_row")
+
+
+@dataclass(frozen=True)
+class ReportMetric:
+    """One column of the results table, and how two models are compared on it example by example.
+
+    paired: "binary" (a per-example 0/1 `field`, McNemar), "mean" (a per-example value `field`,
+    permutation test) or "macro_f1" (the "gold" and "prediction" fields, classes 0..n_classes-1)."""
+
+    name: str  # the key in metrics.json
+    title: str
+    higher_is_better: bool
+    paired: str
+    field: str | None = None
+    n_classes: int | None = None
+
+    def __post_init__(self):
+        if self.paired not in PAIRED_COMPARISONS:
+            raise ValueError(f"metric {self.name!r}: unknown paired comparison {self.paired!r}; "
+                             f"valid: {', '.join(PAIRED_COMPARISONS)}")
+        if self.paired == "macro_f1" and not self.n_classes:
+            raise ValueError(f"metric {self.name!r}: macro_f1 needs n_classes")
+        if self.paired != "macro_f1" and not self.field:
+            raise ValueError(f"metric {self.name!r}: a {self.paired!r} comparison needs the per-example field")
 
 
 class Task(ABC):
@@ -32,6 +59,10 @@ class Task(ABC):
     # Multiple choice: what separates the prompt from a choice (lm-eval's target_delimiter); it is
     # scored with the choice but not counted in acc_norm's per-character normalisation.
     choice_delimiter: ClassVar[str] = " "
+    # What the report shows for this task, in column order; the report needs no edit per task.
+    report_metrics: ClassVar[tuple[ReportMetric, ...]]
+    # The metric retention (model − base)/(expert − base) is computed on: one the expert moves.
+    retention_metric: ClassVar[str]
     # Generated targets must teach the model to stop; a scored continuation needs no EOS.
     target_ends_with_eos: ClassVar[bool] = True
     # Generation tasks: where decoding stops (besides EOS), and each reported proportion
@@ -83,6 +114,14 @@ class Task(ABC):
             if hasattr(cls, name):
                 digest.update(_source(getattr(cls, name)).encode())
         return {"task": self.name, "version": self.version, "code": digest.hexdigest()[:16]}
+
+
+    def report_metric(self, name: str) -> ReportMetric:
+        for metric in self.report_metrics:
+            if metric.name == name:
+                return metric
+        raise ValueError(f"task {self.name!r} declares no report metric {name!r}; "
+                         f"valid: {', '.join(m.name for m in self.report_metrics)}")
 
     def stratum(self, row: dict) -> object | None:
         """The key that subsampling balances on (the label for classification), or None."""

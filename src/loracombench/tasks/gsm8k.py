@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from .base import Task
+from .base import ReportMetric, Task
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -99,6 +99,14 @@ class Gsm8k(Task):
     # near zero and too coarse to rank settings, the gold solution's NLL is not.
     selection_metric = ("gold_nll", False)
     chance = 0.0
+    report_metrics = (
+        ReportMetric("exact_match_flexible", "GSM8K EM (flexible)", True, "binary", field="correct_flexible"),
+        ReportMetric("exact_match_strict", "GSM8K EM (strict)", True, "binary", field="correct_strict"),
+        ReportMetric("gold_nll", "GSM8K gold NLL ↓", False, "mean", field="gold_nll"),
+    )
+    # A small model's exact match is near zero for base and expert alike, so retention on it is
+    # noise over noise; the gold NLL moves with every adapter.
+    retention_metric = "gold_nll"
     stop_strings = STOP_STRINGS
     generation_metrics = {"exact_match_strict": "correct_strict",
                           "exact_match_flexible": "correct_flexible",
