@@ -109,7 +109,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 
 def test_presets_validate():
-    for preset in ("default", "smoke", "original-gpt2", "seeds3"):
+    for preset in ("default", "smoke", "original-gpt2", "seeds3", "shared-init"):
         assert load_config(preset).tasks == ["ag_news", "gsm8k"]
 
 

@@ -19,9 +19,10 @@ GSM_NLL_BASE = np.linspace(2.0, 3.0, N_GSM)
 
 def ag_news_result(correct: set[int]) -> tuple[dict, list[dict]]:
     predicted = [g if i in correct else (g + 1) % 4 for i, g in enumerate(AG_GOLD)]
-    rows = [{"index": i, "gold": g, "prediction": p, "correct": g == p}
+    rows = [{"index": i, "gold": g, "prediction": p, "correct": g == p, "prediction_norm": p, "correct_norm": g == p}
             for i, (g, p) in enumerate(zip(AG_GOLD, predicted))]
-    return metrics.classification_metrics(AG_GOLD, predicted, 4), rows
+    result = metrics.classification_metrics(AG_GOLD, predicted, ["World", "Sports", "Business", "Technology"])
+    return {**result, "accuracy_norm": result["accuracy"]}, rows
 
 
 def gsm8k_result(nll_gain: float, correct: set[int]) -> tuple[dict, list[dict]]:
@@ -135,7 +136,7 @@ def test_paired_comparisons_holm_and_retention_by_seed(two_seed_run):
     assert float(versus_average["p"]) == float(versus_average["p_holm"]) == pytest.approx(2 / 32)
     assert not any(model == comparator for model, comparator, _, _ in differences)
     # Every declared metric, both seeds, each model against the comparators of its own seed.
-    assert {key[3] for key in differences} == {"accuracy", "macro_f1", "exact_match_flexible",
+    assert {key[3] for key in differences} == {"accuracy", "accuracy_norm", "macro_f1", "exact_match_flexible",
                                                "exact_match_strict", "gold_nll"}
     nll = differences[("merge: ties", "gsm8k expert", "1", "gold_nll")]
     assert float(nll["value"]) == pytest.approx(0.8 - 0.4) and nll["test"] == "paired permutation"
@@ -248,7 +249,7 @@ def test_a_new_task_shows_its_declared_columns(tmp_path, monkeypatch):
     markdown = (run / "results.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
     assert [c.strip() for c in header.strip("|").split("|")] == \
-        ["model", "AG News acc", "AG News macro-F1", "Toy hits", "Toy loss ↓"]
+        ["model", "AG News acc", "AG News acc_norm", "AG News macro-F1", "Toy hits", "Toy loss ↓"]
     retained = section(markdown, "Retention")
     assert "| model | toy retention (loss) |" in retained  # no AG News expert here: no AG News retention
     assert md_row(retained, "merge: average") == ["0.250 [0.250, 0.250]"]  # (3 − 2.5) / (3 − 1)
