@@ -63,3 +63,38 @@ def test_verbalizer_comparison_scores_each_label_set(tmp_path, small_mirror):
         assert sum(candidate["predicted"]) == summary["n_validation"] == 8
         assert set(candidate["recall"]) == set(candidate["labels"])
     assert "Technology" in (tmp_path / "v" / "verbalizers.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--learning-rates", "0"], "--learning-rates must be positive"),
+    (["--learning-rates", "1e-3", "--tasks", "mnli"], "--tasks mnli: not a task of the config"),
+    (["--learning-rates", "1e-3", "--n-validation", "0"], "--n-validation"),
+])
+def test_sweep_refuses_bad_input_with_one_line(tmp_path, small_mirror, capsys, extra, message):
+    from loracombench.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(CONFIG))
+    argv = ["sweep", "--config", str(config), "--data-dir", str(small_mirror), "--out", str(tmp_path / "s"), *extra]
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:  # argparse's own refusals
+        status = exit_info.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_and_verbalizers_refuse_a_foreign_out_folder(tmp_path, small_mirror, capsys):
+    from loracombench.cli import main
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(CONFIG))
+    common = ["--config", str(config), "--data-dir", str(small_mirror), "--out", str(foreign)]
+    assert main(["sweep", "--learning-rates", "1e-3", *common]) == 2
+    assert main(["verbalizers", "--candidates", "a,b,c,d", *common]) == 2
+    assert "does not hold" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]

@@ -262,12 +262,20 @@ def _validation_sizes(args, config) -> dict:
 
 
 def cmd_sweep(args) -> int:
+    from .outputs import check_out
     from .sweep import sweep_learning_rates
 
     config = _sweep_config(args)
     if args.tasks:
+        unknown = sorted(set(args.tasks) - set(config.tasks))
+        if unknown:
+            raise ValueError(f"--tasks {' '.join(unknown)}: not a task of the config; valid: {', '.join(config.tasks)}")
         config = config.model_copy(update={"tasks": args.tasks})
-    out = Path(args.out or Path("runs") / f"{config.name}-lr-sweep")
+    bad = [rate for rate in args.learning_rates if not 0 < rate < float("inf")]
+    if bad:
+        raise ValueError(f"--learning-rates must be positive and finite, got {bad}")
+    out = check_out(args.out or Path("runs") / f"{config.name}-lr-sweep", "sweep",
+                    inputs={"--data-dir": _data_input(args.data_dir)})
     summary = sweep_learning_rates(config, args.learning_rates, out, _validation_sizes(args, config))
     print((out / "sweep.md").read_text())
     for task, result in summary["tasks"].items():
@@ -276,11 +284,13 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_verbalizers(args) -> int:
+    from .outputs import check_out
     from .sweep import compare_verbalizers
 
     config = _sweep_config(args)
     candidates = [tuple(label.strip() for label in text.split(",")) for text in args.candidates]
-    out = Path(args.out or Path("runs") / f"{config.name}-verbalizers")
+    out = check_out(args.out or Path("runs") / f"{config.name}-verbalizers", "verbalizers", overwrite=args.overwrite,
+                    inputs={"--data-dir": _data_input(args.data_dir)})
     compare_verbalizers(config, args.task, candidates, args.n_validation, out)
     print((out / "verbalizers.md").read_text())
     return 0
@@ -408,10 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="preset name or YAML file; everything but the rate is kept")
     p.add_argument("--learning-rates", nargs="+", type=float, required=True, metavar="LR")
     p.add_argument("--tasks", nargs="+", default=None, help="default: the config's tasks")
-    p.add_argument("--n-validation", type=int, default=None,
+    p.add_argument("--n-validation", type=count(1), default=None,
                    help="validation rows per task (default: all; GSM8K: train rows outside the training sample)")
     _add_data_arg(p)
-    p.add_argument("--out", type=Path, default=None, help="sweep folder (default runs/<config name>-lr-sweep)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="sweep folder (default runs/<config name>-lr-sweep); an earlier sweep there is resumed")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("verbalizers", help="base-model validation scores of candidate label words")
@@ -419,9 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="ag_news")
     p.add_argument("--candidates", nargs="+", required=True, metavar="A,B,C,D",
                    help="label sets, comma-separated, in the task's label order")
-    p.add_argument("--n-validation", type=int, default=None, help="validation rows (default: all)")
+    p.add_argument("--n-validation", type=count(1), default=None, help="validation rows (default: all)")
     _add_data_arg(p)
-    p.add_argument("--out", type=Path, default=None, help="folder (default runs/<config name>-verbalizers)")
+    add_out_args(p, "folder (default runs/<config name>-verbalizers)")
     p.set_defaults(func=cmd_verbalizers)
 
     p = sub.add_parser("report", help="rebuild results.csv/.md/.png of a run folder from its result files")

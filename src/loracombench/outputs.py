@@ -92,6 +92,10 @@ register(OutputKind("baseline", "baseline results", _is_baseline_results))
 register(OutputKind("diagnostics", "adapter diagnostics", _has_file("diagnostics.json")))
 register(OutputKind("eda", "a dataset analysis", _has_file("eda_stats.json")))
 register(OutputKind("run", "a loracombench run", _is_run, resumed=True))
+register(OutputKind("sweep", "a learning-rate sweep",
+                    lambda folder: (folder / "sweep.json").is_file() or any(folder.glob("lr*/adapters")),
+                    resumed=True))
+register(OutputKind("verbalizers", "a label-word comparison", _has_file("verbalizers.json")))
 
 
 def _is_empty(folder: Path) -> bool:
