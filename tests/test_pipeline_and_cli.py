@@ -104,6 +104,13 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         load_config("no-such-preset")
     with pytest.raises(ValueError, match="distinct"):
         ExperimentConfig(seeds=[1, 1])
+    with pytest.raises(ValueError, match="not run"):
+        ExperimentConfig(train_per_task={"mnli": {"learning_rate": 1e-3}})
+    with pytest.raises(ValueError, match="learning_rate"):
+        ExperimentConfig(train_per_task={"gsm8k": {"learning_rate": -1}})
+    per_task = ExperimentConfig(train={"learning_rate": 1e-3}, train_per_task={"gsm8k": {"learning_rate": 4e-3}})
+    assert per_task.train_settings("gsm8k", 2).learning_rate == 4e-3
+    assert per_task.train_settings("ag_news", 2).learning_rate == 1e-3 and per_task.train_settings("ag_news", 2).seed == 2
     with pytest.raises(ValueError, match="seeds"):
         ExperimentConfig(train={"seed": 2})
 
