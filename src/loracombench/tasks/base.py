@@ -98,12 +98,12 @@ class Task(ABC):
 
     def reference_answer(self, row: dict) -> str:
         """Generation tasks: the gold answer as the task's comparison sees it."""
-        raise NotImplementedError(f"task {self.name!r} is not scored by generation")
+        raise TypeError(f"task {self.name!r} is a {self.kind} task, not scored by generation")
 
     def score_output(self, output: str, row: dict) -> dict:
         """Generation tasks: per-example fields for one generated output (the task owns its
         answer extraction and comparison), including every field named in generation_metrics."""
-        raise NotImplementedError(f"task {self.name!r} is not scored by generation")
+        raise TypeError(f"task {self.name!r} is a {self.kind} task, not scored by generation")
     def fingerprint(self) -> dict:
         """What fixes this task's prompts, targets and scoring, for cache keys: its version and a
         hash of its module's source and of the methods the class carries now. Any edit there,
