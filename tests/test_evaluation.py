@@ -29,14 +29,15 @@ def test_batched_left_padded_scoring_equals_one_at_a_time(tiny_gpt2):
     assert batched == pytest.approx(expected, abs=1e-4)
 
 
-def test_acc_and_acc_norm_equal_a_hand_computation(tiny_gpt2):
-    from loracombench.evaluation import EvalConfig, evaluate_multiple_choice
+def test_acc_and_acc_norm_equal_a_hand_computation(tiny_gpt2, tmp_path):
+    from loracombench.evaluation import EvalConfig, evaluate
 
     model, tok = tiny_gpt2.model, tiny_gpt2.tokenizer
     task = get_task("ag_news")
     rows = [{"text": f"{words} story", "label": y}
             for y, words in enumerate(["war election", "goal match", "stocks profit", "chip software"])]
-    result, predictions = evaluate_multiple_choice(model, tok, task, rows, EvalConfig(batch_size=3), False)
+    result = evaluate(model, tok, task, rows, EvalConfig(batch_size=3), {}, tmp_path, progress=False)["metrics"]
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     hits = hits_norm = 0
     for row, predicted in zip(rows, predictions):
         context = encode(tok, task.prompt(row))

@@ -114,23 +114,27 @@ def argmax(values) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
-def evaluate_multiple_choice(model, tokenizer, task: Task, rows, config: EvalConfig, progress: bool):
-    """lm-eval's `acc` (argmax of the summed log-likelihoods) and `acc_norm` (argmax of the
-    log-likelihood per character of the choice, without the delimiter, as lm-eval counts it),
-    plus macro-F1, per-class recall and the confusion matrix of `acc`'s predictions."""
+def predict_multiple_choice(model, tokenizer, task: Task, rows, indices, config: EvalConfig, progress: bool):
+    """Per row: lm-eval's `acc` prediction (argmax of the summed log-likelihoods) and `acc_norm`
+    prediction (argmax of the log-likelihood per character of the choice, without the delimiter,
+    as lm-eval counts it)."""
     scores = score_choices(model, tokenizer, task, rows, config.batch_size, progress)
-    gold = [task.gold_index(r) for r in rows]
     predictions = []
-    for index, (row, g, s) in enumerate(zip(rows, gold, scores)):
-        lengths = [len(choice) for choice in task.choices(row)]
+    for index, row, s in zip(indices, rows, scores):
+        g, lengths = task.gold_index(row), [len(choice) for choice in task.choices(row)]
         p, p_norm = argmax(s), argmax([v / n for v, n in zip(s, lengths)])
         predictions.append({"index": index, "gold": g, "prediction": p, "correct": g == p,
                             "prediction_norm": p_norm, "correct_norm": g == p_norm,
                             "logprobs": [round(v, 4) for v in s]})
-    predicted = [p["prediction"] for p in predictions]
-    result = metrics.classification_metrics(gold, predicted, task.choices(rows[0]))
+    return predictions
+
+
+def summarise_multiple_choice(task: Task, rows, predictions, config: EvalConfig) -> tuple[dict, dict]:
+    """acc, acc_norm, macro-F1 and per-class recall; the confusion matrix of acc's predictions."""
+    gold, predicted, choices = [p["gold"] for p in predictions], [p["prediction"] for p in predictions], task.choices(rows[0])
+    result = metrics.classification_metrics(gold, predicted, choices)
     result["accuracy_norm"] = metrics.proportion(sum(p["correct_norm"] for p in predictions), len(rows))
-    return result, predictions
+    return result, {"confusion_matrix": metrics.confusion_matrix(gold, predicted, choices)}
 
 
 # ---------------------------------------------------------------- generation
@@ -160,44 +164,98 @@ def generate(model, tokenizer, prompts: list[str], config: EvalConfig, stops, pr
     return outputs
 
 
-def evaluate_generation(model, tokenizer, task: Task, rows, config: EvalConfig, progress: bool):
+def generated(index: int, config: EvalConfig) -> bool:
+    """Greedy generation covers a prefix of the evaluation sample (n_generate; None: all)."""
+    return config.n_generate is None or index < config.n_generate
+
+
+def predict_generation(model, tokenizer, task: Task, rows, indices, config: EvalConfig, progress: bool):
+    """Per row: the gold solution's per-token NLL, and for the generated prefix the output and
+    the task's own extraction and comparison (Task.score_output)."""
     requests = [(encode(tokenizer, task.prompt(r)), encode(tokenizer, task.target(r))) for r in rows]
     logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress)
-    nll = [-lp / len(cont) for lp, (_, cont) in zip(logprobs, requests)]
-    generated_rows = rows if config.n_generate is None else rows[: config.n_generate]
-    outputs = generate(model, tokenizer, [task.prompt(r) for r in generated_rows], config, task.stop_strings, progress)
+    chosen = [k for k, index in enumerate(indices) if generated(index, config)]
+    outputs = dict(zip(chosen, generate(model, tokenizer, [task.prompt(rows[k]) for k in chosen], config,
+                                        task.stop_strings, progress)))
     predictions = []
-    for index, row in enumerate(rows):
-        entry = {"index": index, "gold": task.reference_answer(row), "gold_nll": round(nll[index], 5)}
-        if index < len(outputs):
-            entry.update(output=outputs[index], **task.score_output(outputs[index], row))
+    for k, (index, row) in enumerate(zip(indices, rows)):
+        entry = {"index": index, "gold": task.reference_answer(row),
+                 "gold_nll": round(-logprobs[k] / len(requests[k][1]), 5)}
+        if k in outputs:
+            entry.update(output=outputs[k], **task.score_output(outputs[k], row))
         predictions.append(entry)
-    scored = predictions[: len(outputs)]
-    result = {"gold_nll": metrics.bootstrap_mean(nll)}
+    return predictions
+
+
+def summarise_generation(task: Task, rows, predictions, config: EvalConfig) -> tuple[dict, dict]:
+    result = {"gold_nll": metrics.bootstrap_mean([p["gold_nll"] for p in predictions])}
+    scored = [p for p in predictions if "output" in p]
     if scored:
         result.update(metrics.proportions(scored, task.generation_metrics))
-    return result, predictions
+    return result, {}
 
 
-EVALUATORS = {"multiple_choice": evaluate_multiple_choice, "generation": evaluate_generation}
+# task.kind -> (per-row predictions of one model, metrics and details from all rows' predictions)
+SCORERS = {"multiple_choice": (predict_multiple_choice, summarise_multiple_choice),
+           "generation": (predict_generation, summarise_generation)}
 
 
 def evaluate(model, tokenizer, task: Task, rows: list[dict], config: EvalConfig, model_info: dict,
              out_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Evaluate one model on one task's rows; write metrics.json + predictions.jsonl if out_dir."""
+    started = time.time()
+    _check_rows(task, rows)
+    model.eval()
+    predict, _ = SCORERS[task.kind]
+    predictions = predict(model, tokenizer, task, rows, range(len(rows)), config, progress)
+    return _record(task, rows, predictions, config, model_info, started, {}, out_dir)
+
+
+def evaluate_composed(composed, shared, task: Task, rows: list[dict], config: EvalConfig, model_info: dict,
+                      out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Evaluate a composition (compose.Composed) on the process's shared base model: each row is
+    scored by the model of the route the composition assigns it, and the metrics are computed
+    over all rows together. Routing is decided from the prompts (a router that may not know
+    the task never sees it: see Composed.assign); its accuracy is recorded when the composition
+    names the route each task should take."""
+    started = time.time()
+    _check_rows(task, rows)
+    routes = composed.assign(task, [task.prompt(r) for r in rows])
+    predict, _ = SCORERS[task.kind]
+    predictions: list[dict | None] = [None] * len(rows)
+    for route in dict.fromkeys(routes):
+        indices = [i for i, r in enumerate(routes) if r == route]
+        with composed.open(route, shared) as model:
+            model.eval()
+            for i, p in zip(indices, predict(model, shared.loaded.tokenizer, task, [rows[i] for i in indices],
+                                             indices, config, progress)):
+                predictions[i] = p
+    details, extra = {}, {}
+    if len(set(routes)) > 1 or composed.expected_route(task) is not None:
+        for p, route in zip(predictions, routes):
+            p["route"] = route
+        details["routes"] = {route: routes.count(route) for route in dict.fromkeys(routes)}
+    expected = composed.expected_route(task)
+    if expected is not None:
+        extra["routing_accuracy"] = metrics.proportion(routes.count(expected), len(routes))
+    return _record(task, rows, predictions, config, model_info, started, details, out_dir, extra)
+
+
+def _check_rows(task: Task, rows: list[dict]) -> None:
     if not rows:
         raise ValueError(f"no {task.name} examples to evaluate")
-    started = time.time()
-    model.eval()
-    result, predictions = EVALUATORS[task.kind](model, tokenizer, task, rows, config, progress)
-    details = {}
-    if task.kind == "multiple_choice":
-        details["confusion_matrix"] = metrics.confusion_matrix(
-            [p["gold"] for p in predictions], [p["prediction"] for p in predictions], task.choices(rows[0]))
+
+
+def _record(task: Task, rows, predictions, config: EvalConfig, model_info: dict, started: float, details: dict,
+            out_dir, extra_metrics: dict | None = None) -> dict:
+    _, summarise = SCORERS[task.kind]
+    result, task_details = summarise(task, rows, predictions, config)
+    result.update(extra_metrics or {})
     record = metrics.result_record(
         task=task.name, split=config.split, n=len(rows), seed=config.seed, model=model_info,
         metrics=result, primary_metric=task.primary_metric if task.primary_metric in result else "gold_nll",
-        chance=task.chance, config=asdict(config), elapsed_s=round(time.time() - started, 2), details=details)
+        chance=task.chance, config=asdict(config), elapsed_s=round(time.time() - started, 2),
+        details={**task_details, **details})
     if out_dir is not None:
         metrics.write_result(out_dir, record, predictions)
     return record

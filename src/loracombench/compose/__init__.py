@@ -1,0 +1,35 @@
+"""Composition registry: a dict of composition classes and one lookup that names the valid ones.
+
+Static merges (every method in merging/) are one composition kind; routers, weight searches and
+trained combinations are others. A new method is one module here plus one `register` line."""
+
+from __future__ import annotations
+
+from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
+from .oracle import OracleRouting
+from .static_merge import StaticMerge
+
+COMPOSITIONS: dict[str, type[Composition]] = {}
+
+
+def register(cls: type[Composition]) -> type[Composition]:
+    if cls.name in COMPOSITIONS:
+        raise ValueError(f"composition {cls.name!r} is already registered")
+    COMPOSITIONS[cls.name] = cls
+    return cls
+
+
+def get_composition(name: str, params: dict | None = None) -> Composition:
+    """An instance of a registered composition with its parameters checked."""
+    try:
+        cls = COMPOSITIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown composition {name!r}; valid: {', '.join(sorted(COMPOSITIONS))}") from None
+    return cls(**(params or {}))
+
+
+register(StaticMerge)
+register(OracleRouting)
+
+__all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
+           "get_composition", "register"]

@@ -1,0 +1,151 @@
+"""The composition contract: how trained experts become one model that the evaluator scores.
+
+A composition method is one module with one class. `build` turns the experts (and whatever the
+method declares it needs: validation examples, the tasks' training prompts, gradients) into
+artefacts in a folder: a merged adapter, a router, a search trajectory. `load` turns that
+folder into a `Composed`: which route scores each example, and the model behind each route.
+A static merge has one route; a router has one per expert; the pipeline needs no edit for a new
+method. Every method declares its `Needs`, and the table prints them beside its scores, so that
+no method looks free when it is not.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, ContextManager
+
+from ..tasks import Task
+
+ONLY_ROUTE = "model"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a composition uses beyond the experts' weights."""
+
+    validation_per_task: int = 0  # labelled validation examples of each task
+    gradients: bool = False  # trains something by backpropagation through the base model
+    router_training: bool = False  # the tasks' training prompts, labelled with their task
+    task_label_at_inference: bool = False  # is told each test example's task
+    base_forward: bool = False  # runs the base model while building (a search, training)
+
+    def summary(self) -> str:
+        parts = []
+        if self.validation_per_task:
+            parts.append(f"{self.validation_per_task} val/task")
+        if self.router_training:
+            parts.append("training prompts")
+        if self.gradients:
+            parts.append("gradients")
+        elif self.base_forward:
+            parts.append("forward passes")
+        if self.task_label_at_inference:
+            parts.append("task label at test")
+        return ", ".join(parts) or "weights only"
+
+
+@dataclass
+class BuildInputs:
+    """Everything a composition may use; a method reads only what its `needs()` declares."""
+
+    experts: dict[str, Path]  # task -> trained adapter folder, in the config's task order
+    seed: int
+    # The shared base model of this process, borrowed for the block and returned pristine
+    # (adapters.SharedBase.borrowed); only for methods that declare base_forward or gradients.
+    borrow_base: Callable[[], ContextManager] | None = None
+    validation: dict[str, list[dict]] = field(default_factory=dict)  # needs.validation_per_task rows per task
+    train_rows: dict[str, list[dict]] = field(default_factory=dict)  # the experts' training rows per task
+    train_settings: dict = field(default_factory=dict)  # task -> config.TrainSettings of its expert
+    device: str = "auto"
+    progress: bool = False
+
+
+class Composed(ABC):
+    """What the evaluator scores: a route for every example, and the model behind each route."""
+
+    @abstractmethod
+    def assign(self, task: Task, prompts: list[str]) -> list[str]:
+        """The route of each prompt. Only a method whose needs() declares task_label_at_inference
+        may read `task`; any other decides from the prompt text alone."""
+
+    @abstractmethod
+    def open(self, route: str, shared) -> ContextManager:
+        """The torch model behind a route, built on the process's adapters.SharedBase."""
+
+    def expected_route(self, task: Task) -> str | None:
+        """The route a perfect router sends this task's examples to (routing accuracy), or None."""
+        return None
+
+
+class OneModel(Composed):
+    """Every example scored by one model: the base with one adapter folded in (or the base)."""
+
+    def __init__(self, adapter: Path | None):
+        self.adapter = adapter
+
+    def assign(self, task: Task, prompts: list[str]) -> list[str]:
+        return [ONLY_ROUTE] * len(prompts)
+
+    def open(self, route: str, shared) -> ContextManager:
+        return shared.with_adapter(self.adapter)
+
+
+class RoutedAdapters(Composed):
+    """Each example scored by the expert its router picks (sequence-level routing)."""
+
+    def __init__(self, adapters: dict[str, Path], router: Callable[[Task, list[str]], list[str]]):
+        self.adapters, self.router = adapters, router
+
+    def assign(self, task: Task, prompts: list[str]) -> list[str]:
+        routes = list(self.router(task, prompts))
+        unknown = sorted(set(routes) - set(self.adapters))
+        if len(routes) != len(prompts) or unknown:
+            raise RuntimeError(f"the router returned {len(routes)} routes for {len(prompts)} prompts, "
+                               f"unknown routes {unknown}; valid: {sorted(self.adapters)}")
+        return routes
+
+    def open(self, route: str, shared) -> ContextManager:
+        return shared.with_adapter(self.adapters[route])
+
+    def expected_route(self, task: Task) -> str | None:
+        return task.name if task.name in self.adapters else None
+
+
+class Composition(ABC):
+    """One composition method. Subclasses set `name` and `paper`, take their parameters as
+    keyword arguments (validated in __init__, one clear error each) and implement build/load."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]  # the paper it implements, with its arXiv id or venue
+
+    def __init__(self, **params):
+        if params:
+            raise ValueError(f"composition {self.name!r} takes no parameters, got {sorted(params)}")
+        self.params: dict = {}
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def key(self) -> dict:
+        """What decides the result besides the experts and the inputs it needs, for cache keys."""
+        return {"composition": self.name, "params": self.params}
+
+    @abstractmethod
+    def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
+        """Write the artefacts into out_dir (a fresh staging folder); return metadata for the
+        record (what it used: data, compute time, search trajectory summary, router accuracy)."""
+
+    @abstractmethod
+    def load(self, out_dir: Path) -> Composed:
+        """The built folder as something the evaluator scores."""
+
+
+def check_params(name: str, given: dict, allowed: dict) -> dict:
+    """Parameters with defaults filled in; an unknown name is one error listing the valid ones."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"composition {name!r}: unknown parameter(s) {unknown}; valid: {sorted(allowed) or 'none'}")
+    return {**allowed, **given}
+
