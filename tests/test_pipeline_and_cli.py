@@ -62,7 +62,7 @@ def test_run_resumes_from_finished_cells_and_reports(tmp_path, small_mirror, cap
     cache.record_outputs(folder, key)
     assert main(argv) == 0
     third = capsys.readouterr().out
-    assert "merge average: done" in third and "train ag_news (seed 0): cached" in third
+    assert "merge average (seed 0): done" in third and "train ag_news (seed 0): cached" in third
     assert third.count("cached") == 2 + 4  # both adapters' training, base and gsm8k expert evaluations
 
 

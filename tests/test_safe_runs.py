@@ -77,8 +77,10 @@ def test_damaged_outputs_of_a_finished_run_are_detected_and_recomputed(tmp_path,
         assert file.read_bytes() == content  # CPU training and scoring are deterministic
     assert not any(folder.exists() for folder in leftovers)
     # The retrained expert has the same weights, so every other cell is reused.
-    assert cached_cells(log) == {"train gsm8k (seed 0)", "merge average (seed 0)", "merge task_arithmetic (seed 0)",
-                                 "baselines on ag_news", "baselines on gsm8k"} | {
+    from loracombench.baselines import BASELINES
+
+    assert cached_cells(log) == {"train gsm8k (seed 0)", "merge average (seed 0)", "merge task_arithmetic (seed 0)"} | {
+        f"baseline {name} on {task}" for task, names in BASELINES.items() for name in names} | {
         f"eval {slug} on {task}" for slug in ("base", "expert_ag_news_seed0", "expert_gsm8k_seed0",
                                               "merge_average_seed0", "merge_task_arithmetic_seed0")
         for task in ("ag_news", "gsm8k")
@@ -153,19 +155,19 @@ def test_a_second_run_on_a_locked_folder_exits_2_and_changes_nothing(tmp_path, s
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, small_mirror, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["run", "--config", str(write_config(tmp_path)), "--data-dir", str(small_mirror), "--out", str(out)]
-    merge_cell = Experiment.merge_cell
+    composition_cell = Experiment.composition_cell
 
-    def terminated_during_merge(self, spec, experts):
+    def terminated_during_merge(self, *args):
         os.kill(os.getpid(), signal.SIGTERM)
-        return merge_cell(self, spec, experts)
+        return composition_cell(self, *args)
 
-    monkeypatch.setattr(Experiment, "merge_cell", terminated_during_merge)
+    monkeypatch.setattr(Experiment, "composition_cell", terminated_during_merge)
     assert main(argv) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "terminated; finished cells are kept and a rerun resumes from them")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler lives only while a command runs
     assert not (out / "merges").exists()
-    monkeypatch.setattr(Experiment, "merge_cell", merge_cell)
+    monkeypatch.setattr(Experiment, "composition_cell", composition_cell)
     assert main(argv) == 0
     assert {"train ag_news (seed 0)", "train gsm8k (seed 0)"} <= cached_cells(capsys.readouterr().out)
 

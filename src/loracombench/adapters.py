@@ -293,6 +293,8 @@ class SharedBase:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, getattr(parent, child).get_base_layer())
+        if hasattr(model, "peft_config"):  # PEFT leaves its config on the base it wrapped
+            del model.peft_config
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(self._pristine[name])

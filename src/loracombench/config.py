@@ -90,6 +90,21 @@ class MergeSpec(Strict):
         return f"{self.method}{suffix}"
 
 
+class CompositionSpec(Strict):
+    """A composition other than a static merge (compose/: routers, weight searches, ...)."""
+
+    method: str
+    label: str | None = None
+    params: dict[str, float | int | str | bool | list[float]] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        suffix = "".join(f"_{k}{v}" for k, v in sorted(self.params.items()))
+        return f"{self.method}{suffix}"
+
+
 class ExperimentConfig(Strict):
     name: str = "default"
     model: str = "smollm2-135m"
@@ -108,6 +123,8 @@ class ExperimentConfig(Strict):
     train_per_task: dict[str, dict] = Field(default_factory=dict)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(method="average")])
+    # Routers, weight searches, trained combinations (compose/); each declares what it needs.
+    compositions: list[CompositionSpec] = Field(default_factory=list)
     baselines: bool = True
 
     @field_validator("tasks")
@@ -161,9 +178,13 @@ class ExperimentConfig(Strict):
                 raise ValueError(f"{field} sizes must be positive: {sizes}")
         from .merging import get_method, parse_params
 
-        labels = [m.name for m in self.merges]
+        labels = [m.name for m in self.merges] + [c.name for c in self.compositions]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"merge labels repeat: {labels}; give each a distinct label")
+            raise ValueError(f"merge and composition labels repeat: {labels}; give each a distinct label")
+        from .compose import get_composition
+
+        for spec in self.compositions:
+            get_composition(spec.method, spec.params)
         for spec in self.merges:
             parse_params(get_method(spec.method), spec.params)
             if spec.weights is not None and len(spec.weights) != len(self.tasks):

@@ -1,44 +1,39 @@
-"""Run an experiment as cached, resumable cells: train -> merge -> evaluate -> report.
+"""Run an experiment as cached, resumable cells: train -> compose -> evaluate -> report.
 
-Every cell writes its output atomically, then a manifest with a key that hashes everything it
-depends on (settings, inputs, the task's prompt and scoring code, package and library versions)
-and the size and hash of every file it wrote. A rerun skips cells whose key matches and whose
-files are intact, and recomputes the rest, so an interrupted run resumes where it stopped, a
-damaged file is recomputed, and a changed setting recomputes only what it affects.
+Every piece of work is a `Cell`: a key that hashes everything it depends on (settings, inputs,
+the task's prompt and scoring code, package and library versions), a folder, and the function
+that fills it. The function writes atomically; the cell then records a manifest of every file's
+size and hash. A rerun skips cells whose key matches and whose files are intact and recomputes
+the rest, so an interrupted run resumes where it stopped, a damaged file is recomputed, and a
+changed setting recomputes only what it affects.
+
+A model under evaluation is a composition (compose/): the base alone, an expert, a static merge,
+a router, a weight search. All of them are scored on one base model per process
+(adapters.SharedBase), with each adapter folded in and removed in turn.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import adapters, cache, io, metrics
+from .compose import BuildInputs, Composed, Composition, Needs, OneModel, get_composition
+from .compose.static_merge import StaticMerge
 from .config import ExperimentConfig, stable_hash
-from .data import load_sample, resolve_data_dir
-from .evaluation import EvalConfig, evaluate
+from .data import load_sample, resolve_data_dir, validation_sample
+from .evaluation import EvalConfig, evaluate_composed
 from .models import check_device, load_model, pick_device
 from .tasks import get_task
 from .training import train_adapter
 
-
-@dataclass
-class ModelEntry:
-    slug: str  # folder name under eval/
-    label: str  # what the table calls it (the same for every seed)
-    kind: str  # base | expert | merge
-    adapter: Path | None
-    key: str
-    seed: int | None = None  # the training seed of the experts it comes from; None for the base
-    relative_error: float | None = None  # a compressed merge's error against its exact update
-
-    def info(self) -> dict:
-        info = {"label": self.label, "kind": self.kind, "slug": self.slug, "seed": self.seed,
-                "adapter": str(self.adapter) if self.adapter else None}
-        if self.relative_error is not None:
-            info["relative_error"] = self.relative_error
-        return info
+COMPOSITION_FILE = "composition.json"
+# How a model is scored, beyond the evaluation settings: part of every evaluation key, so a
+# change in how adapters are applied recomputes every score. "folded": W + scale·B·A.
+SCORING = "folded/1"
 
 
 def log(message: str) -> None:
@@ -62,29 +57,116 @@ def reusable(folder: Path, key: str, what: str) -> bool:
     return reason is None
 
 
+@dataclass
+class Cell:
+    """One unit of work. `compute` fills `folder` (atomically); the manifest is written last."""
+
+    what: str
+    folder: Path
+    key: str
+    compute: Callable[[], object]
+
+    def ensure(self) -> bool:
+        """Compute unless the cached result is intact; True when it was computed now."""
+        if reusable(self.folder, self.key, self.what):
+            return False
+        started = time.time()
+        log(f"{self.what}: computing")
+        self.compute()
+        cache.record_outputs(self.folder, self.key)
+        log(f"{self.what}: done in {time.time() - started:.0f} s")
+        return True
+
+    def output_key(self, artefacts: tuple[str, ...] = ()) -> str:
+        """The cell's key and the hashes of the files that decide the model it produced (weights,
+        adapter configs, and the named `artefacts`, e.g. a router's routes): downstream cells key
+        on the actual outputs, so an input rebuilt to other weights invalidates everything built
+        on it, while one rebuilt to the same weights (a deterministic rerun, whose logs and
+        timings differ) invalidates nothing."""
+        files = io.read_json(self.folder / cache.MANIFEST)["files"]
+        deciding = {name: digest for name, digest in files.items()
+                    if name.endswith(".safetensors") or Path(name).name in (adapters.CONFIG_FILE, *artefacts)}
+        return stable_hash({"cell": self.key, "files": deciding})
+
+
+class SerialExecutor:
+    """Runs cells one after another in this process (the default)."""
+
+    def run(self, cells: list[Cell]) -> None:
+        for cell in cells:
+            cell.ensure()
+
+
+@dataclass
+class ModelEntry:
+    """A model the run evaluates: how to load it for scoring, and how the table names it."""
+
+    slug: str  # folder name under eval/
+    label: str  # what the table calls it (the same for every seed)
+    kind: str  # base | expert | merge | composition
+    key: str
+    load: Callable[[], Composed]
+    seed: int | None = None  # the training seed of the experts it comes from; None for the base
+    relative_error: float | None = None  # a compressed merge's error against its exact update
+    needs: str = "weights only"
+    adapter: Path | None = None  # experts: the trained adapter folder
+    extra: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        info = {"label": self.label, "kind": self.kind, "slug": self.slug, "seed": self.seed,
+                "adapter": str(self.adapter) if self.adapter else None, "needs": self.needs, **self.extra}
+        if self.relative_error is not None:
+            info["relative_error"] = self.relative_error
+        return info
+
+
 class Experiment:
-    def __init__(self, config: ExperimentConfig, out_dir: str | Path, progress: bool = True):
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, progress: bool = True, executor=None):
         self.config = config
         self.out = Path(out_dir)
         self.progress = progress
+        self.executor = executor or SerialExecutor()
         self.data_dir = resolve_data_dir(config.data_dir)
         self.data_source = str(self.data_dir.resolve()) if self.data_dir else "hub"
         self.current_results: list[Path] = []  # the eval folders this run's report shows
+        self._shared: adapters.SharedBase | None = None
+        self._rows: dict[tuple, list[dict]] = {}
+
+    def __getstate__(self):
+        """Cells travel to other processes (executors) without this process's model."""
+        return {**self.__dict__, "_shared": None}
 
     # ------------------------------------------------------------ data and base model
 
     def base(self):
-        """A fresh base model (training wraps the instance it is given, so each cell gets its own)."""
+        """A fresh base model, for callers outside the run (the sweeps)."""
         return load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
 
+    @property
+    def shared(self) -> adapters.SharedBase:
+        """This process's one base model, loaded on first use."""
+        if self._shared is None:
+            self._shared = adapters.SharedBase(self.base(), pick_device(self.config.device))
+        return self._shared
+
     def train_rows(self, task: str) -> list[dict]:
-        return load_sample(task, "train", self.config.n_train[task], self.config.data_seed, self.data_dir,
-                           what=f"n_train.{task}")
+        return self._cached_rows(("train", task), lambda: load_sample(
+            task, "train", self.config.n_train[task], self.config.data_seed, self.data_dir, what=f"n_train.{task}"))
 
     def eval_rows(self, task: str) -> list[dict]:
         settings = self.config.eval
-        return load_sample(task, settings.split, settings.n_eval[task], settings.seed, self.data_dir,
-                           what=f"eval.n_eval.{task}")
+        return self._cached_rows(("eval", task), lambda: load_sample(
+            task, settings.split, settings.n_eval[task], settings.seed, self.data_dir, what=f"eval.n_eval.{task}"))
+
+    def validation_rows(self, task: str, n: int) -> list[dict]:
+        """Labelled rows for compositions that learn or search: never test rows (data.validation_sample)."""
+        return self._cached_rows(("validation", task, n), lambda: validation_sample(
+            task, n, self.config.eval.seed, self.data_dir, self.train_rows(task)))
+
+    def _cached_rows(self, key: tuple, load: Callable[[], list[dict]]) -> list[dict]:
+        if key not in self._rows:
+            self._rows[key] = load()
+        return self._rows[key]
 
     def preflight(self, trust_remote_code: bool = False) -> None:
         """Every check of the user's input that can fail, before anything is written."""
@@ -95,46 +177,75 @@ class Experiment:
         for task in self.config.tasks:
             self.train_rows(task)
             self.eval_rows(task)
-        self.base()
+        self.shared
 
     # ------------------------------------------------------------ cells
 
-    def train_cell(self, task: str, fingerprint: dict, seed: int) -> ModelEntry:
+    def train_cell(self, task: str, fingerprint: dict, seed: int) -> Cell:
         settings = self.config.train_settings(task, seed)
         key = cell_key({"base": fingerprint, "task": task, "n": self.config.n_train[task],
                         "data_seed": self.config.data_seed, "data": self.data_source,
                         "train": settings.result_settings()}, task)
         folder = self.out / "adapters" / f"seed{seed}" / task
-        if not reusable(folder, key, f"train {task} (seed {seed})"):
+
+        def compute():
             log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
-            meta = train_adapter(self.base(), get_task(task), self.train_rows(task), settings, folder,
-                                 self.config.device, progress=self.progress,
-                                 extra_metadata={"cell_key": key, "data": self.data_source})
-            cache.record_outputs(folder, key)
-            log(f"train {task}: done in {meta['train_time_s']:.0f} s, final loss {meta['final_loss']:.3f}")
-        return self._adapter_entry(f"expert_{task}_seed{seed}", f"{task} expert", "expert", folder, key, seed)
+            with self.shared.borrowed() as loaded:
+                meta = train_adapter(loaded, get_task(task), self.train_rows(task), settings, folder,
+                                     self.config.device, progress=self.progress,
+                                     extra_metadata={"cell_key": key, "data": self.data_source})
+            log(f"train {task}: final loss {meta['final_loss']:.3f}")
 
-    def merge_cell(self, spec, experts: list[ModelEntry]) -> ModelEntry:
-        seed = experts[0].seed
-        key = cell_key({"merge": spec.model_dump(), "sources": [e.key for e in experts]})
-        folder = self.out / "merges" / f"seed{seed}" / spec.name
-        if not reusable(folder, key, f"merge {spec.name} (seed {seed})"):
+        return Cell(f"train {task} (seed {seed})", folder, key, compute)
+
+    def expert_entry(self, task: str, cell: Cell, seed: int) -> ModelEntry:
+        return ModelEntry(f"expert_{task}_seed{seed}", f"{task} expert", "expert", cell.output_key(),
+                          lambda: OneModel(cell.folder), seed, adapter=cell.folder, extra={"task": task})
+
+    def composition_cell(self, name: str, composition: Composition, experts: dict[str, ModelEntry],
+                         fingerprint: dict, seed: int) -> Cell:
+        needs = composition.needs()
+        uses = {"composition": composition.key(), "sources": [e.key for e in experts.values()]}
+        if needs.validation_per_task:
+            uses["validation"] = {"n": needs.validation_per_task, "data": self.data_source,
+                                  "seed": self.config.eval.seed}
+        if needs.router_training or needs.gradients:
+            uses["train_data"] = {"n": self.config.n_train, "seed": self.config.data_seed, "data": self.data_source}
+        if needs.base_forward or needs.gradients:
+            uses["base"] = fingerprint
+        static = isinstance(composition, StaticMerge)
+        key = cell_key({**uses, "seed": seed})
+        folder = self.out / ("merges" if static else "compositions") / f"seed{seed}" / name
+
+        def compute():
+            inputs = BuildInputs(
+                experts={task: e.adapter for task, e in experts.items()}, seed=seed,
+                borrow_base=self.shared.borrowed if (needs.base_forward or needs.gradients) else None,
+                validation={t: self.validation_rows(t, needs.validation_per_task) for t in experts}
+                if needs.validation_per_task else {},
+                train_rows={t: self.train_rows(t) for t in experts} if (needs.router_training or needs.gradients)
+                else {},
+                train_settings={t: self.config.train_settings(t, seed) for t in experts},
+                device=self.config.device, progress=self.progress)
             started = time.time()
-            adapters.merge_adapter_dirs([e.adapter for e in experts], spec.method, folder, spec.weights,
-                                        spec.params, extra_metadata={"cell_key": key, "label": spec.name})
-            cache.record_outputs(folder, key)
-            log(f"merge {spec.name}: done in {time.time() - started:.1f} s")
-        return self._adapter_entry(f"merge_{spec.name}_seed{seed}", f"merge: {spec.name}", "merge", folder, key,
-                                   seed)
+            with io.atomic_dir(folder) as staging:
+                metadata = composition.build(inputs, staging)
+                io.write_json(staging / COMPOSITION_FILE, {
+                    "composition": composition.name, "paper": composition.paper, "key": composition.key(),
+                    "needs": asdict(needs), "needs_summary": needs.summary(), "cell_key": key, "seed": seed,
+                    "build_s": round(time.time() - started, 2), "metadata": metadata})
 
-    @staticmethod
-    def _adapter_entry(slug: str, label: str, kind: str, folder: Path, cell_key: str, seed: int) -> ModelEntry:
-        """Downstream cells key on the adapter's actual weights as well as on its settings, so a
-        retrained or re-merged adapter invalidates every merge and evaluation built on it."""
-        weights = hashlib.sha256((folder / adapters.WEIGHTS_FILE).read_bytes()).hexdigest()[:16]
-        error = ((adapters.read_metadata(folder) or {}).get("info") or {}).get("max_relative_error")
-        return ModelEntry(slug, label, kind, folder, stable_hash({"cell": cell_key, "weights": weights}), seed,
-                          error or None)
+        return Cell(f"{'merge' if static else 'compose'} {name} (seed {seed})", folder, key, compute)
+
+    def composition_entry(self, name: str, composition: Composition, cell: Cell, seed: int) -> ModelEntry:
+        recorded = io.read_json(cell.folder / COMPOSITION_FILE)
+        static = isinstance(composition, StaticMerge)
+        error = ((recorded.get("metadata") or {}).get("info") or {}).get("max_relative_error")
+        return ModelEntry(f"{'merge' if static else 'compose'}_{name}_seed{seed}",
+                          f"merge: {name}" if static else name, "merge" if static else "composition",
+                          cell.output_key(composition.artefacts), lambda: composition.load(cell.folder), seed,
+                          error or None,
+                          recorded["needs_summary"])
 
     def eval_config(self, task: str) -> EvalConfig:
         settings = self.config.eval
@@ -143,88 +254,100 @@ class Experiment:
                           generate_batch_size=settings.generate_batch_size, seed=settings.seed,
                           split=settings.split)
 
-    def eval_cell(self, entry: ModelEntry, task: str, fingerprint: dict, rows_cache: dict) -> None:
+    def eval_cell(self, entry: ModelEntry, task: str, fingerprint: dict) -> Cell:
         eval_config = self.eval_config(task)
         key = cell_key({"model": entry.key, "base": fingerprint, "task": task, "data": self.data_source,
-                        "eval": eval_config.__dict__}, task)
+                        "eval": eval_config.__dict__, "scoring": SCORING}, task)
         folder = self.out / "eval" / entry.slug / task
         self.current_results.append(folder)
-        if reusable(folder, key, f"eval {entry.slug} on {task}"):
-            return
-        log(f"eval {entry.slug} on {task}")
-        loaded = self.base()
-        model = adapters.apply_adapter(loaded, entry.adapter) if entry.adapter else loaded.model
-        if task not in rows_cache:
-            rows_cache[task] = self.eval_rows(task)
-        info = {**entry.info(), "base_model": fingerprint, "cell_key": key}
-        model.to(pick_device(self.config.device))
-        record = evaluate(model, loaded.tokenizer, get_task(task), rows_cache[task], eval_config, info,
-                          out_dir=folder, progress=self.progress)
-        cache.record_outputs(folder, key)
-        primary = record["metrics"][record["primary_metric"]]
-        log(f"eval {entry.slug} on {task}: {record['primary_metric']} = {primary['value']:.3f} "
-            f"in {record['elapsed_s']:.0f} s")
 
-    def baseline_cells(self, rows_cache: dict) -> None:
-        from .baselines import evaluate_baselines
+        def compute():
+            info = {**entry.info(), "base_model": fingerprint, "cell_key": key}
+            record = evaluate_composed(entry.load(), self.shared, get_task(task), self.eval_rows(task), eval_config,
+                                       info, out_dir=folder, progress=self.progress)
+            primary = record["metrics"][record["primary_metric"]]
+            log(f"eval {entry.slug} on {task}: {record['primary_metric']} = {primary['value']:.3f}")
 
+        return Cell(f"eval {entry.slug} on {task}", folder, key, compute)
+
+    def baseline_cells(self) -> list[Cell]:
+        from .baselines import BASELINES, evaluate_baselines
+
+        cells = []
         for task in self.config.tasks:
             eval_config = self.eval_config(task)
-            key = cell_key({"baselines": task, "data": self.data_source, "n_train": self.config.n_train[task],
-                            "data_seed": self.config.data_seed, "eval": eval_config.__dict__},
-                           task, cache.BASELINE_LIBRARIES)
-            folders = self._baseline_folders(task)
-            self.current_results += folders.values()
-            if folders and all(cache.cached(f, key) for f in folders.values()):
-                log(f"baselines on {task}: cached")
-                continue
-            if task not in rows_cache:
-                rows_cache[task] = self.eval_rows(task)
-            for name, result, predictions in evaluate_baselines(task, self.train_rows(task), rows_cache[task],
-                                                                seed=self.config.data_seed):
-                record = metrics.result_record(
-                    task=task, split=eval_config.split, n=len(rows_cache[task]), seed=eval_config.seed,
-                    model={"label": f"baseline: {name}", "kind": "baseline", "slug": f"baseline_{name}",
-                           "cell_key": key},
-                    metrics=result, primary_metric=get_task(task).primary_metric, chance=get_task(task).chance,
-                    config={"n_train": self.config.n_train[task], "data": self.data_source})
-                metrics.write_result(folders[name], record, predictions)
-                cache.record_outputs(folders[name], key)
-            log(f"baselines on {task}: {', '.join(folders)}")
+            for name in BASELINES.get(task, []):
+                key = cell_key({"baselines": task, "baseline": name, "data": self.data_source,
+                                "n_train": self.config.n_train[task], "data_seed": self.config.data_seed,
+                                "eval": eval_config.__dict__}, task, cache.BASELINE_LIBRARIES)
+                folder = self.out / "eval" / f"baseline_{name}" / task
+                self.current_results.append(folder)
 
-    def _baseline_folders(self, task: str) -> dict[str, Path]:
-        from .baselines import BASELINES
+                def compute(task=task, name=name, key=key, folder=folder, eval_config=eval_config):
+                    rows = self.eval_rows(task)
+                    for found, result, predictions in evaluate_baselines(task, self.train_rows(task), rows,
+                                                                          seed=self.config.data_seed):
+                        if found != name:
+                            continue
+                        record = metrics.result_record(
+                            task=task, split=eval_config.split, n=len(rows), seed=eval_config.seed,
+                            model={"label": f"baseline: {name}", "kind": "baseline", "slug": f"baseline_{name}",
+                                   "cell_key": key},
+                            metrics=result, primary_metric=get_task(task).primary_metric,
+                            chance=get_task(task).chance,
+                            config={"n_train": self.config.n_train[task], "data": self.data_source})
+                        metrics.write_result(folder, record, predictions)
 
-        return {name: self.out / "eval" / f"baseline_{name}" / task for name in BASELINES.get(task, [])}
+                cells.append(Cell(f"baseline {name} on {task}", folder, key, compute))
+        return cells
 
     # ------------------------------------------------------------ the whole run
+
+    def compositions(self) -> list[tuple[str, Composition]]:
+        """Every composed model of the config: static merges first, then the other compositions."""
+        composed = [(spec.name, StaticMerge(spec.method, spec.weights, spec.params)) for spec in self.config.merges]
+        return composed + [(spec.name, get_composition(spec.method, spec.params))
+                           for spec in self.config.compositions]
 
     def run(self) -> Path:
         from .report import build_report, write_current_results
 
         self.out.mkdir(parents=True, exist_ok=True)
         io.write_json(self.out / "config.json", self.config.model_dump())
-        fingerprint = self.base().fingerprint
-        base = ModelEntry("base", "base", "base", None, stable_hash(fingerprint))
-        models = [base]
+        started = time.time()
+        fingerprint = self.shared.loaded.fingerprint
+        models = [ModelEntry("base", "base", "base", stable_hash(fingerprint), lambda: OneModel(None))]
+        stages: dict[str, float] = {}
         for seed in self.config.seeds:
-            experts = [self.train_cell(task, fingerprint, seed) for task in self.config.tasks]
-            models += experts + [self.merge_cell(spec, experts) for spec in self.config.merges]
-        rows_cache: dict[str, list[dict]] = {}
-        for entry in models:
-            for task in self.config.tasks:
-                self.eval_cell(entry, task, fingerprint, rows_cache)
+            trained = {task: self.train_cell(task, fingerprint, seed) for task in self.config.tasks}
+            stages["train"] = stages.get("train", 0) + self._timed(list(trained.values()))
+            experts = {task: self.expert_entry(task, cell, seed) for task, cell in trained.items()}
+            built = [(name, composition, self.composition_cell(name, composition, experts, fingerprint, seed))
+                     for name, composition in self.compositions()]
+            stages["compose"] = stages.get("compose", 0) + self._timed([cell for _, _, cell in built])
+            models += list(experts.values()) + [self.composition_entry(name, composition, cell, seed)
+                                                for name, composition, cell in built]
+        stages["evaluate"] = self._timed([self.eval_cell(entry, task, fingerprint)
+                                          for entry in models for task in self.config.tasks])
         if self.config.baselines:
-            self.baseline_cells(rows_cache)
+            stages["baselines"] = self._timed(self.baseline_cells())
         write_current_results(self.out, self.current_results)
-        return build_report(self.out)
+        report = build_report(self.out)
+        log("stages: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages.items())
+            + f"; total {time.time() - started:.0f} s")
+        return report
+
+    def _timed(self, cells: list[Cell]) -> float:
+        started = time.time()
+        self.executor.run(cells)
+        return time.time() - started
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True,
-                   trust_remote_code: bool = False) -> Path:
+                   trust_remote_code: bool = False, executor=None) -> Path:
     """Check every input, lock the run folder against a second run, clean what killed saves left
     behind, and run. trust_remote_code: the caller's explicit consent to a config that asks for it."""
-    experiment = Experiment(config, out_dir, progress)
+    experiment = Experiment(config, out_dir, progress, executor)
     experiment.preflight(trust_remote_code)
     with io.exclusive_lock(out_dir):
         io.remove_leftovers_under(out_dir)

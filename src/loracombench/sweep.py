@@ -14,33 +14,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import cache, io
+from . import io
 from .config import ExperimentConfig, stable_hash
-from .data import validation_sample
-from .evaluation import EvalConfig, evaluate
+from .evaluation import EvalConfig, evaluate, evaluate_composed
 from .metrics import read_result
-from .pipeline import Experiment, cell_key, log, reusable
+from .pipeline import SCORING, Cell, Experiment, cell_key, log
 from .tasks import get_task
 
 
 def validation_rows(experiment: Experiment, task: str, n: int | None) -> list[dict]:
-    config = experiment.config
-    return validation_sample(task, n, config.eval.seed, experiment.data_dir, experiment.train_rows(task))
+    return experiment.validation_rows(task, n)
 
 
 def score_cell(experiment: Experiment, entry, task, rows: list[dict], folder: Path) -> dict:
     """The validation record of one trained expert (a cached cell keyed by the expert and the rows)."""
-    from . import adapters
-
     config = EvalConfig(n_eval=len(rows), n_generate=0, batch_size=experiment.config.eval.batch_size,
                         seed=experiment.config.eval.seed, split="validation")
-    key = cell_key({"model": entry.key, "rows": stable_hash(rows), "eval": config.__dict__}, task.name)
-    if not reusable(folder, key, f"validation {entry.slug}"):
-        loaded = experiment.base()
-        model = adapters.apply_adapter(loaded, entry.adapter)
-        evaluate(model, loaded.tokenizer, task, rows, config, {**entry.info(), "cell_key": key},
-                 out_dir=folder, progress=experiment.progress)
-        cache.record_outputs(folder, key)
+    key = cell_key({"model": entry.key, "rows": stable_hash(rows), "eval": config.__dict__, "scoring": SCORING},
+                   task.name)
+    Cell(f"validation {entry.slug}", folder, key, lambda: evaluate_composed(
+        entry.load(), experiment.shared, task, rows, config, {**entry.info(), "cell_key": key}, out_dir=folder,
+        progress=experiment.progress)).ensure()
     return read_result(folder)
 
 
@@ -48,7 +42,7 @@ def sweep_learning_rates(config: ExperimentConfig, learning_rates: list[float], 
                          n_validation: dict[str, int | None], progress: bool = True) -> dict:
     out = Path(out_dir)
     seed = config.seeds[0]
-    fingerprint = Experiment(config, out).base().fingerprint
+    fingerprint = Experiment(config, out).shared.loaded.fingerprint
     results = {}
     for name in config.tasks:
         task = get_task(name)
@@ -60,7 +54,9 @@ def sweep_learning_rates(config: ExperimentConfig, learning_rates: list[float], 
                 **config.train_per_task.get(name, {}), "learning_rate": rate}}})
             experiment = Experiment(trial, out / f"lr{rate:g}", progress)
             rows = rows or validation_rows(experiment, name, n_validation.get(name))
-            entry = experiment.train_cell(name, fingerprint, seed)
+            cell = experiment.train_cell(name, fingerprint, seed)
+            cell.ensure()
+            entry = experiment.expert_entry(name, cell, seed)
             record = score_cell(experiment, entry, task, rows, out / f"lr{rate:g}" / "validation" / name)
             value = record["metrics"][metric]
             points.append({"learning_rate": rate, metric: value["value"], "ci_low": value["ci_low"],
@@ -102,7 +98,7 @@ def compare_verbalizers(config: ExperimentConfig, task_name: str, candidates: li
     """The base model's validation accuracy, acc_norm and per-class recall with each label set."""
     experiment = Experiment(config, out_dir, progress)
     rows = validation_rows(experiment, task_name, n_validation)
-    loaded = experiment.base()
+    loaded = experiment.shared.loaded
     eval_config = EvalConfig(n_eval=len(rows), batch_size=config.eval.batch_size, seed=config.eval.seed,
                              split="validation")
     results = []

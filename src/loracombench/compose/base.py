@@ -119,6 +119,9 @@ class Composition(ABC):
 
     name: ClassVar[str]
     paper: ClassVar[str]  # the paper it implements, with its arXiv id or venue
+    # Files besides weights (*.safetensors) and adapter configs whose content decides the composed
+    # model (a router's routes): downstream cache keys hash them. Logs and timings stay out.
+    artefacts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params):
         if params:

@@ -16,6 +16,7 @@ ROUTES_FILE = "routes.json"
 
 class OracleRouting(Composition):
     name = "route_oracle"
+    artefacts = (ROUTES_FILE,)
     paper = "the routing upper bound used by e.g. LoraRetriever (Zhao et al., 2024, arXiv:2402.09997)"
 
     def needs(self) -> Needs:
