@@ -81,12 +81,13 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list
         batch = left_pad([ctx + cont for ctx, cont, _ in chunk], tokenizer.pad_token_id, device)
         with autocast(device):
             logits = model(**batch, logits_to_keep=longest + 1).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1
         for row, (_, carried, members) in enumerate(chunk):
-            offset = longest - len(carried)  # where this row's continuation starts
+            # Position t predicts token t+1; normalise only the positions that predict this row's
+            # continuation (a whole-batch log-softmax over the vocabulary costs more than the model).
+            logprobs = torch.log_softmax(logits[row, longest - len(carried): longest], dim=-1)
             for i in members:
                 cont = torch.tensor(requests[i][1], device=device)
-                scores[i] = logprobs[row, offset: offset + len(cont)].gather(1, cont[:, None]).sum().item()
+                scores[i] = logprobs[: len(cont)].gather(1, cont[:, None]).sum().item()
     return scores
 
 
