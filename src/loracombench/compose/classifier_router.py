@@ -115,13 +115,14 @@ class ClassifierRouting(Composition):
         save_experts(out_dir, inputs.experts)
         return {"router": "tfidf+logistic_regression", "features": FEATURES,
                 "n_prompts": {task: tasks.count(task) for task in inputs.experts},
-                **cross_validated, "fit_time_s": round(time.time() - started, 2)}
+                **cross_validated, "build_time_s": round(time.time() - started, 2)}
 
     def load(self, out_dir: Path) -> Composed:
         router = TfidfRouter.load(out_dir)
         experts = load_experts(out_dir)
-        if sorted(router.classifier.classes_) != sorted(experts):
-            raise ValueError(f"{out_dir}: the router's tasks {sorted(router.classifier.classes_)} are not "
+        routed = sorted(str(task) for task in router.classifier.classes_)
+        if routed != sorted(experts):
+            raise ValueError(f"{out_dir}: the router's tasks {routed} are not "
                              f"the experts' {sorted(experts)}; rebuild it")
         # The task argument is ignored: the router decides from each prompt alone.
         return RoutedAdapters(experts, lambda _task, prompts: router.routes(prompts))
