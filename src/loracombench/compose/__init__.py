@@ -5,7 +5,9 @@ trained combinations are others. A new method is one module here plus one `regis
 
 from __future__ import annotations
 
+from .arrow_router import ArrowRouting
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
+from .classifier_router import ClassifierRouting
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
 
@@ -30,6 +32,8 @@ def get_composition(name: str, params: dict | None = None) -> Composition:
 
 register(StaticMerge)
 register(OracleRouting)
+register(ClassifierRouting)
+register(ArrowRouting)
 
 __all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
            "get_composition", "register"]
