@@ -4,6 +4,7 @@ bad parameters, and a build scored by the evaluator on one shared tiny base left
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def shared():
 def build(tmp_path, experts, shared, **params):
     composition = get_composition("lorahub", params)
     out = tmp_path / "built"
-    out.mkdir()
+    out.mkdir(parents=True)
     inputs = BuildInputs(experts=experts, seed=0, borrow_base=shared.borrowed,
                          validation={task: rows[: composition.needs().validation_per_task]
                                      for task, rows in VALIDATION.items()})
@@ -122,6 +123,15 @@ def test_search_finds_a_planted_optimum_from_zero():
     # The L1 term moves the optimum by 0.05/(2·3) toward 0 per weight; the search finds that point.
     shifted = [p - 0.05 / 6 * (1 if p > 0 else -1) for p in planted]
     assert search.best["weights"] == pytest.approx(shifted, abs=0.02)
+
+
+def test_a_diverged_candidate_is_never_the_best():
+    def cross_entropy(weights):
+        return math.nan if weights[0] > 0.5 else (weights[0] - 1.2) ** 2
+
+    search = search_weights(cross_entropy, 1, budget=20, bounds=(-1.5, 1.5), seed=0)
+    assert any(math.isnan(c["cross_entropy"]) for c in search.candidates)
+    assert search.best["weights"][0] <= 0.5 and math.isfinite(search.best["loss"])
 
 
 def test_search_stays_within_the_bounds():
@@ -195,8 +205,7 @@ def test_build_load_and_evaluate_on_the_shared_base_leave_it_unchanged(tmp_path,
 
 
 def test_the_same_seed_gives_the_same_weights_and_trajectory(tmp_path, experts, shared):
-    runs = [build(tmp_path / str(i), experts, shared, budget=6, n_validation=2, seed=3)
-            for i in range(2) if (tmp_path / str(i)).mkdir() is None]
+    runs = [build(tmp_path / f"run{i}", experts, shared, budget=6, n_validation=2, seed=3) for i in range(2)]
     trajectories = [json.loads((out / TRAJECTORY_FILE).read_text()) for _, out, _ in runs]
     assert runs[0][2]["best_weights"] == runs[1][2]["best_weights"]
     assert trajectories[0]["candidates"] == trajectories[1]["candidates"]

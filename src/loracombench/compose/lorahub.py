@@ -123,8 +123,9 @@ def search_weights(cross_entropy: Callable[[list[float]], float], n_experts: int
     def objective(array) -> float:
         weights = [float(w) for w in array]
         value = float(cross_entropy(weights))
-        candidates.append({"index": len(candidates), "weights": weights, "cross_entropy": value,
-                           "loss": value + l1_penalty(weights)})
+        # A diverged candidate (NaN) would compare false with everything and could end up "best".
+        loss = value + l1_penalty(weights) if math.isfinite(value) else math.inf
+        candidates.append({"index": len(candidates), "weights": weights, "cross_entropy": value, "loss": loss})
         return candidates[-1]["loss"]
 
     with warnings.catch_warnings():
