@@ -27,8 +27,7 @@ Where this differs from the reference code:
 - The reference loads only seq2seq models (sail-sg/lorahub #25); this runs on the causal LM base.
 - The seed fixes nevergrad's random state explicitly (the reference seeds numpy globally).
 
-Candidates are scored in memory: the combined adapter is loaded once into PEFT layers on the
-borrowed base, and each candidate only overwrites those layers' factors.
+Candidates are scored in memory on the borrowed base (LoraHub.search_on), without a folder each.
 """
 
 from __future__ import annotations
@@ -208,30 +207,15 @@ class LoraHub(Composition):
         experts = [adapters.read_adapter(path) for path in inputs.experts.values()]
         adapters.check_same_base(experts)
         combine = partial(combine_modules, self.params["variant"], expert_modules(experts))
-        initial = combine([0.0] * len(experts))  # a variant the experts cannot take fails before the base is borrowed
+        combine([0.0] * len(experts))  # a variant the experts cannot take fails here, before the base is borrowed
         rows = self.validation_rows(inputs)
         if inputs.borrow_base is None:
             raise LoraHubError("lorahub runs the base model: BuildInputs.borrow_base is None")
         template = {k: v for k, v in experts[0].config.items() if k != "auto_mapping"}
         metadata = {"kind": "lorahub", "variant": self.params["variant"], "base_model": experts[0].fingerprint,
                     "sources": [{"task": task, "path": str(path)} for task, path in inputs.experts.items()]}
-        with inputs.borrow_base() as loaded, tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-            # One adapter folder of the right shapes, loaded once; candidates only overwrite its factors.
-            adapters.write_factors(Path(scratch) / "candidate", initial, template, metadata)
-            model = adapters.apply_adapter(loaded, Path(scratch) / "candidate").eval()
-            loss = ValidationLoss(loaded.tokenizer, rows, model_device(model))
-
-            def cross_entropy(weights: list[float]) -> float:
-                load_factors(model, combine(weights))
-                return loss(model)
-
-            try:
-                search = search_weights(cross_entropy, len(experts), self.params["budget"],
-                                        tuple(self.params["bounds"]), self.params["seed"])
-            finally:
-                # The borrow restores the weights; unload() also drops the peft_config PEFT left on the
-                # base, which would make the next adapter loaded on it warn of "multiple adapters".
-                model.unload()
+        with inputs.borrow_base() as loaded:
+            search = self.search_on(loaded, combine, rows, template, metadata, out_dir)
         best_weights = dict(zip(inputs.experts, search.best["weights"]))
         adapters.write_factors(out_dir / ADAPTER_DIR, combine(search.best["weights"]), template,
                                {**metadata, "weights": best_weights})
@@ -243,6 +227,28 @@ class LoraHub(Composition):
             "n_validation": {task: len(task_rows) for task, task_rows in rows.items()}, **summary,
             "best": search.best, "recommendation": search.recommendation, "candidates": search.candidates})
         return summary
+
+    def search_on(self, loaded, combine, rows: dict[str, list[dict]], template: dict, metadata: dict,
+                  out_dir: Path) -> Search:
+        """The search on the borrowed base: one adapter folder of the combined shapes is loaded once
+        into PEFT layers, and each candidate only overwrites their factors."""
+        n_experts = len(metadata["sources"])
+        with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+            adapters.write_factors(Path(scratch) / "candidate", combine([0.0] * n_experts), template, metadata)
+            model = adapters.apply_adapter(loaded, Path(scratch) / "candidate").eval()
+        try:
+            loss = ValidationLoss(loaded.tokenizer, rows, model_device(model))
+
+            def cross_entropy(weights: list[float]) -> float:
+                load_factors(model, combine(weights))
+                return loss(model)
+
+            return search_weights(cross_entropy, n_experts, self.params["budget"], tuple(self.params["bounds"]),
+                                  self.params["seed"])
+        finally:
+            # The borrow restores the weights; unload() also drops the peft_config PEFT leaves on the
+            # base, which would make the next adapter loaded on it warn of "multiple adapters".
+            model.unload()
 
     def load(self, out_dir: Path) -> Composed:
         return OneModel(out_dir / ADAPTER_DIR)
