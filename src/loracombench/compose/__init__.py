@@ -8,6 +8,7 @@ from __future__ import annotations
 from .arrow_router import ArrowRouting
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
 from .classifier_router import ClassifierRouting
+from .lorahub import LoraHub
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
 
@@ -34,6 +35,7 @@ register(StaticMerge)
 register(OracleRouting)
 register(ClassifierRouting)
 register(ArrowRouting)
+register(LoraHub)
 
 __all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
            "get_composition", "register"]
