@@ -11,6 +11,7 @@ import torch
 from loracombench import training
 from loracombench.cli import main
 from loracombench.config import ConfigError, ExperimentConfig, TrainSettings, load_config
+from loracombench.distributed import World
 from loracombench.models import ModelError, autocast, resolve_dtype
 from loracombench.tasks import get_task
 
@@ -88,3 +89,26 @@ def test_bf16_training_on_cpu_runs_under_autocast_and_keeps_fp32_weights(tmp_pat
     # bf16 rounding changes the loss: the forward passes did run in bf16.
     assert losses["bf16"] != losses["fp32"]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_fp16_loss_scaling_gives_exactly_the_unscaled_update(fresh_tiny):
+    """fp16 training scales the loss by a power of two (GradScaler) and unscales the gradients before
+    the update, which is then exactly the update without scaling (AdamW's eps would show a
+    scaled gradient). GradScaler runs on CPU too, so the law is checked here in fp32."""
+    config = TrainSettings(r=4, lora_dropout=0.0)
+    updated = []
+    for scaling in (False, True):
+        loaded = fresh_tiny()
+        model = training.init_lora(loaded.model, config, "ag_news")
+        lora = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(lora, lr=5e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=scaling)
+        trainer = training.Trainer(model, optimizer, schedule, scaler, loaded.tokenizer.pad_token_id, CPU,
+                                   torch.float32, World())
+        task = get_task("ag_news")
+        examples = [training.encode_example(loaded.tokenizer, task.prompt(r), task.target(r), 64, False) for r in ROWS]
+        trainer.step([examples[:4], examples[4:]])
+        assert scaler.is_enabled() is scaling and (not scaling or scaler.get_scale() == 2.0 ** 16)
+        updated.append([p.detach().clone() for p in lora])
+    assert all(torch.equal(plain, scaled) for plain, scaled in zip(*updated))
