@@ -107,35 +107,40 @@ def cmd_data(args) -> int:
 # ---------------------------------------------------------------- train, eval
 
 def cmd_train(args) -> int:
-    from .config import TrainSettings
+    from pydantic import ValidationError
+
+    from . import distributed
+    from .config import ConfigError, TrainSettings, flatten_validation_error, load_config
     from .data import load_sample
-    from .models import load_model
+    from .models import check_device, load_model, resolve_dtype
+    from .outputs import check_out
     from .tasks import get_task
     from .training import train_adapter
-
-    from .config import ConfigError, flatten_validation_error
-    from .models import check_device
-    from .outputs import check_out
-    from pydantic import ValidationError
 
     task = get_task(args.task)
     out = check_out(args.out or Path("models") / task.name, "adapter", overwrite=args.overwrite,
                     inputs={"--data-dir": _data_input(args.data_dir), "--model": _local_path(args.model)})
-    check_device(args.device)
-    values = {"r": args.r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-              "target_modules": args.target_modules, "learning_rate": args.lr, "epochs": args.epochs,
-              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
-              "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+    preset = load_config()  # the default preset is the one source of the training defaults
+    dtype = args.dtype or preset.dtype
+    resolve_dtype(dtype, check_device(args.device))
+    flags = {"r": args.r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+             "target_modules": args.target_modules, "learning_rate": args.lr, "epochs": args.epochs,
+             "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
+             "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+    defaults = preset.train_settings(task.name, preset.seeds[0]).model_dump()
     try:
-        config = TrainSettings(**values)
+        config = TrainSettings(**{**defaults, **{name: value for name, value in flags.items() if value is not None}})
     except ValidationError as err:
-        flags = {name: "--" + name.replace("_", "-") for name in values} | {"learning_rate": "--lr"}
-        raise ConfigError(flatten_validation_error(err, names=flags)) from None
+        names = {name: "--" + name.replace("_", "-") for name in flags} | {"learning_rate": "--lr"}
+        raise ConfigError(flatten_validation_error(err, names=names)) from None
     rows = load_sample(task, "train", args.n_train, args.data_seed, args.data_dir, what="--n-train")
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    meta = train_adapter(loaded, task, rows, config, out, args.device,
-                         extra_metadata={"data_seed": args.data_seed, "data": str(args.data_dir or "default")})
-    print(f"saved adapter to {out} (final loss {meta['final_loss']:.4f}, {meta['train_time_s']:.0f} s)")
+    with distributed.session(args.device) as world:
+        meta = train_adapter(loaded, task, rows, config, out, args.device, dtype=dtype,
+                             extra_metadata={"data_seed": args.data_seed, "data": str(args.data_dir or "default")})
+    if world.is_main:
+        print(f"saved adapter to {out} (final loss {meta['final_loss']:.4f}, {meta['train_time_s']:.0f} s"
+              f"{f', {world.size} processes' if world.size > 1 else ''})")
     return 0
 
 
@@ -332,7 +337,6 @@ def add_out_args(parser, help: str, required: bool = False, default=None) -> Non
 def build_parser() -> argparse.ArgumentParser:
     from .cli_analysis import add_parsers as add_analysis_parsers
     from .evaluation import EvalConfig
-    from .config import TrainSettings
 
     parser = OneLineParser(prog="loracombench", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,26 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.set_defaults(func=cmd_data)
 
-    t = TrainSettings()
-    p = sub.add_parser("train", help="train one LoRA adapter on one task")
+    preset = "(default: configs/default.yaml's)"
+    p = sub.add_parser("train", help="train one LoRA adapter on one task",
+                       description="Train one LoRA adapter. Every unset training setting is the default preset's "
+                                   "(configs/default.yaml, train and train_per_task). Data-parallel over several "
+                                   "processes or GPUs when started by torchrun: torchrun --nproc_per_node N -m "
+                                   "loracombench.cli train ... (same global batch as one process).")
     p.add_argument("--task", required=True, help="ag_news or gsm8k")
     _add_model_args(p)
+    p.add_argument("--dtype", default=None,
+                   help=f"forward-pass precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (runs on CPU, but "
+                        f"slowly without AVX-512 bf16) or fp16 (CUDA only) {preset}")
     _add_data_arg(p)
     p.add_argument("--n-train", type=count(1), default=None,
                    help=f"seeded (stratified) training sample; default all ({SAMPLE_HELP})")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the training sample")
-    p.add_argument("--epochs", type=int, default=t.epochs)
-    p.add_argument("--r", type=int, default=t.r, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=t.lora_alpha)
-    p.add_argument("--lora-dropout", type=float, default=t.lora_dropout)
+    p.add_argument("--epochs", type=int, default=None, help=preset)
+    # torchrun's parser reads `--r` as an abbreviation of its own options: --lora-rank passes through.
+    p.add_argument("--r", "--lora-rank", dest="r", type=int, default=None,
+                   help=f"LoRA rank {preset}; under torchrun write --lora-rank")
+    p.add_argument("--lora-alpha", type=float, default=None, help=preset)
+    p.add_argument("--lora-dropout", type=float, default=None, help=preset)
     p.add_argument("--target-modules", nargs="+", default=None, help="default: chosen per architecture")
-    p.add_argument("--lr", type=float, default=t.learning_rate)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--grad-accum", type=int, default=t.grad_accum)
-    p.add_argument("--max-length", type=int, default=t.max_length, help="tokens per example (cut on the right)")
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every,
-                   help="optimizer steps between checkpoints in OUT.checkpoint/, from which a rerun resumes (0: none)")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate {preset}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"examples per micro-batch {preset}")
+    p.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step {preset}")
+    p.add_argument("--max-length", type=int, default=None, help=f"tokens per example (cut on the right) {preset}")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: configs/default.yaml's seeds[0])")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="optimizer steps between checkpoints in OUT.checkpoint/, from which a rerun resumes "
+                        f"(0: none) {preset}")
     add_out_args(p, "adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 
@@ -453,10 +467,20 @@ def _one_line(err: BaseException) -> str:
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
+def _refuse_torchrun_unless_data_parallel(command: str) -> None:
+    """Under torchrun every process runs the command: only `train` divides its work among them."""
+    from .distributed import launched
+
+    if launched() and command != "train":
+        raise ValueError(f"`{command}` does not run data-parallel; under torchrun only `train` does. "
+                         f"Run `loracombench {command}` as one process")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with _sigterm_as_interrupt():
         try:
+            _refuse_torchrun_unless_data_parallel(args.command)
             return args.func(args)
         except (ValueError, RuntimeError, OSError) as err:
             print(f"loracombench {args.command}: error: {_one_line(err)}", file=sys.stderr)

@@ -38,7 +38,9 @@ class Strict(BaseModel):
 
 
 class TrainSettings(Strict):
-    """LoRA fine-tuning settings; the defaults are the original project's (r=16, lr 2e-4, 3 epochs)."""
+    """LoRA fine-tuning settings. The defaults are the original project's (r=16, lr 2e-4, 3 epochs);
+    the settings chosen on validation for the default run live in configs/default.yaml, which is
+    also where `loracombench train` takes its defaults from."""
 
     r: int = Field(16, ge=1)
     lora_alpha: float = Field(32, gt=0)
@@ -110,6 +112,9 @@ class ExperimentConfig(Strict):
     model: str = "smollm2-135m"
     trust_remote_code: bool = False
     device: str = "auto"
+    # Forward-pass precision of training and evaluation: auto (bf16 on CUDA, fp32 on CPU), fp32,
+    # bf16 (runs on CPU, but slowly without AVX-512 bf16) or fp16 (CUDA only).
+    dtype: str = "auto"
     data_dir: str | None = None
     tasks: list[str] = Field(default_factory=lambda: ["ag_news", "gsm8k"])
     n_train: dict[str, int | None] = Field(default_factory=lambda: {"ag_news": 400, "gsm8k": 240})
@@ -136,6 +141,26 @@ class ExperimentConfig(Strict):
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"tasks repeat: {tasks}")
         return tasks
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_precision(cls, dtype: str) -> str:
+        from .models import DTYPE_CHOICES
+
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"{dtype!r} is not a precision; valid: {', '.join(DTYPE_CHOICES)}")
+        return dtype
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> "ExperimentConfig":
+        if self.dtype == "fp16":  # the one precision a device can refuse
+            from .models import ModelError, check_device, resolve_dtype
+
+            try:
+                resolve_dtype(self.dtype, check_device(self.device, "device"), "dtype")
+            except ModelError as err:
+                raise ValueError(str(err)) from None
+        return self
 
     @field_validator("seeds")
     @classmethod

@@ -5,6 +5,7 @@ record, so that an adapter is never silently used with another base.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -297,10 +298,33 @@ def pick_device(requested: str = "auto") -> torch.device:
     return check_device(requested)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; on CPU stay in fp32 (this class of CPU has no fast bf16 path)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    import contextlib
+# Precisions of the forward passes, by config name. Weights (the base and the LoRA factors) stay
+# fp32 in every case: autocast runs the matmuls in the lower precision and keeps fp32 masters.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ("auto", *PRECISIONS)
 
-    return contextlib.nullcontext()
+
+def resolve_dtype(name: str, device: torch.device, where: str = "--dtype") -> torch.dtype:
+    """The precision `name` means on `device`, refused with one line when it is unknown or fp16 on
+    CPU. auto: bf16 on CUDA, fp32 on CPU. bf16 on CPU runs, but CPUs without AVX-512 bf16
+    instructions (such as the 2-core machines this benchmark is timed on) are far slower in it."""
+    if name not in DTYPE_CHOICES:
+        raise ModelError(f"{where} {name!r} is not a precision; valid: {', '.join(DTYPE_CHOICES)}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "fp16" and device.type != "cuda":
+        raise ModelError(f"{where} fp16 needs a CUDA device, and this one is {device.type}; "
+                         f"on CPU use fp32 (fast) or bf16 (slow without AVX-512 bf16)")
+    return PRECISIONS[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
+
+
+def autocast(device: torch.device, dtype: str = "auto"):
+    """The forward-pass context for `dtype` on `device`: autocast for bf16 and fp16, nothing for fp32."""
+    precision = resolve_dtype(dtype, device)
+    if precision == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision)

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import adapters, io
+from . import adapters, distributed, io
 from .batching import left_pad, length_grouped_batches
 from .checkpoint import Checkpoints, Progress
 from .config import TrainSettings, stable_hash
-from .models import LoadedModel, autocast, pick_device, target_modules_for
-from .tasks import Task
+from .models import LoadedModel, autocast, dtype_name, resolve_dtype, target_modules_for
+from .tasks import Task, get_task
 
 IGNORE_INDEX = -100
 
@@ -55,9 +55,9 @@ def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.
     return {**inputs, "labels": labels.to(device), "logits_to_keep": keep}
 
 
-def batch_loss_sum(model, batch: dict, device) -> torch.Tensor:
+def batch_loss_sum(model, batch: dict, device, precision: torch.dtype = torch.float32) -> torch.Tensor:
     """Summed cross-entropy of the batch's target tokens."""
-    with autocast(device):
+    with autocast(device, dtype_name(precision)):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
@@ -94,40 +94,71 @@ def init_lora(model, config: TrainSettings, task_name: str):
 
 
 def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: TrainSettings, out_dir: str | Path,
-                  device: str = "auto",
-                  progress: bool = True, extra_metadata: dict | None = None) -> dict:
+                  device: str = "auto", progress: bool = True, extra_metadata: dict | None = None,
+                  dtype: str = "auto") -> dict:
     """Train one LoRA adapter and save it (PEFT format + metadata + loss curve) to out_dir.
 
     Every config.checkpoint_every steps the whole training state is checkpointed beside out_dir;
     a rerun of the same run resumes from the latest checkpoint, and the checkpoint goes once the
-    adapter is saved."""
+    adapter is saved. Under torchrun the run is data-parallel (see distributed.py)."""
+    return train_on_tasks(loaded, [(task, rows)], config, out_dir, device, progress, extra_metadata, dtype)
+
+
+def train_multitask_adapter(loaded: LoadedModel, rows_by_task: dict[str, list[dict]], config: TrainSettings,
+                            out_dir: str | Path, device: str = "auto", progress: bool = True,
+                            extra_metadata: dict | None = None, dtype: str = "auto") -> dict:
+    """One LoRA trained on the union of several tasks' training rows, each encoded with its own
+    task's prompt and target, under the experts' settings: the multi-task reference point of
+    composition papers (LoraHub, Huang et al. 2024; LoRA Soups, Prabhakar et al. 2024). The rows
+    are mixed in the seeded order of the experts' steps; tasks are taken in name order, so the
+    order of `rows_by_task` does not matter."""
+    if len(rows_by_task) < 2:
+        raise ValueError(f"multitask training needs at least two tasks, got {sorted(rows_by_task)}")
+    return train_on_tasks(loaded, [(get_task(name), rows_by_task[name]) for name in sorted(rows_by_task)], config,
+                          out_dir, device, progress, extra_metadata, dtype)
+
+
+def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]], config: TrainSettings,
+                   out_dir: str | Path, device: str = "auto", progress: bool = True,
+                   extra_metadata: dict | None = None, dtype: str = "auto") -> dict:
+    """Train one LoRA on the rows of one or more tasks (see train_adapter); one task is an expert."""
     tokenizer = loaded.tokenizer
-    examples = [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length, task.target_ends_with_eos)
-                for r in rows]
-    kept = [e for e in examples if e is not None]
+    name = "+".join(task.name for task, _ in task_rows)
+    encoded = {task.name: [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length,
+                                          task.target_ends_with_eos) for r in rows]
+               for task, rows in task_rows}
+    kept = [e for examples in encoded.values() for e in examples if e is not None]
     if not kept:
-        raise ValueError(f"no training example of {task.name} fits max_length={config.max_length}")
+        raise ValueError(f"no training example of {name} fits max_length={config.max_length}")
+    identity = {"task": name} if len(task_rows) == 1 else {"tasks": list(encoded)}
+    identity["n_train"] = per_task({task: len(examples) for task, examples in encoded.items()})
+    world = distributed.current()
     random.seed(config.seed)
-    device = pick_device(device)
-    model = init_lora(loaded.model, config, task.name).to(device)
-    torch.manual_seed(config.seed)  # dropout masks: the run seed, whatever the initialisation
+    device = world.device(device)
+    precision = resolve_dtype(dtype, device)
+    model = init_lora(loaded.model, config, name).to(device)
+    torch.manual_seed(world.dropout_seed(config.seed))  # dropout masks: the run seed, whatever the initialisation
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
     steps = plan_steps(kept, config)
     # Linear decay to zero without warm-up, as transformers' Trainer does by default.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(steps))
-    checkpoints = Checkpoints(out_dir, run_key(loaded, task, len(rows), kept, config, device), config.checkpoint_every)
-    resumed = checkpoints.restore(model, optimizer, schedule)
+    checkpoints = Checkpoints(out_dir, run_key(loaded, identity, kept, config, device, precision),
+                              config.checkpoint_every if world.is_main else 0)
+    resumed = world.share_restored_state(model, optimizer, schedule,
+                                         checkpoints.restore(model, optimizer, schedule) if world.is_main else None)
     done = resumed or Progress(step=0, curve=[], train_time_s=0.0)
-    if resumed:
-        print(f"train {task.name}: resuming at step {resumed.step} of {len(steps)} from {checkpoints.root}",
+    if resumed and world.is_main:
+        print(f"train {name}: resuming at step {resumed.step} of {len(steps)} from {checkpoints.root}",
               file=sys.stderr, flush=True)
+    # fp16 gradients underflow without loss scaling; for every other precision the scaler is a no-op.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    trainer = Trainer(model, optimizer, schedule, scaler, tokenizer.pad_token_id, device, precision, world)
     curve, started = done.curve, time.time()
-    bar = tqdm(total=len(steps), initial=done.step, desc=f"train {task.name}", disable=not progress)
+    bar = tqdm(total=len(steps), initial=done.step, desc=f"train {name}", disable=not (progress and world.is_main))
     model.train()
     for epoch, step in steps[done.step:]:
-        loss_sum = optimizer_step(model, optimizer, schedule, [[kept[i] for i in chunk] for chunk in step],
-                                  tokenizer.pad_token_id, device)
+        loss_sum = trainer.step([[kept[i] for i in chunk] for chunk in step])
         curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum, "lr": schedule.get_last_lr()[0]})
         checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
                          model, optimizer, schedule)
@@ -137,46 +168,79 @@ def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: Tra
     model.eval()
     elapsed = done.train_time_s + time.time() - started
     metadata = {
-        "kind": "trained", "task": task.name, "base_model": loaded.fingerprint,
-        "config": config.model_dump(), "seed": config.seed,
-        "init_seed": lora_init_seed(config, task.name), "n_train": len(rows),
-        "n_used": len(kept), "n_truncated": sum(len(e.input_ids) == config.max_length for e in kept),
+        "kind": "trained", **identity, "base_model": loaded.fingerprint,
+        "config": config.model_dump(), "seed": config.seed, "init_seed": lora_init_seed(config, name),
+        **example_counts(encoded, config.max_length),
         "train_time_s": round(elapsed, 2), "steps": len(curve),
-        "final_loss": curve[-1]["loss"], "device": str(device),
-        "resumed_from_step": resumed.step if resumed else None, **(extra_metadata or {}),
+        "final_loss": curve[-1]["loss"], "device": str(device), "dtype": dtype_name(precision),
+        "world_size": world.size, "resumed_from_step": resumed.step if resumed else None, **(extra_metadata or {}),
     }
-    model.peft_config["default"].base_model_name_or_path = loaded.path
-    adapters.save_peft_model(model, out_dir, metadata, extra_files={
-        "loss_curve.json": lambda path: io.write_json(path, curve),
-        "loss_curve.png": lambda path: plot_loss_curve(curve, task.name, path),
-    })
-    checkpoints.discard()
+    if world.is_main:
+        model.peft_config["default"].base_model_name_or_path = loaded.path
+        adapters.save_peft_model(model, out_dir, metadata, extra_files={
+            "loss_curve.json": lambda path: io.write_json(path, curve),
+            "loss_curve.png": lambda path: plot_loss_curve(curve, name, path),
+        })
+        checkpoints.discard()
     return metadata
 
 
-def optimizer_step(model, optimizer, schedule, micro_batches: list[list[Example]], pad_id: int, device) -> float:
-    """One update from its micro-batches; returns the update's mean target-token loss."""
-    n_target = sum(sum(label != IGNORE_INDEX for label in e.labels) for batch in micro_batches for e in batch)
-    loss_sum = 0.0
-    for examples in micro_batches:
-        batch = collate(examples, pad_id, device)
-        # Divided by the whole update's token count, so that gradient accumulation
-        # gives the same step as one large batch.
-        loss = batch_loss_sum(model, batch, device) / n_target
-        loss.backward()
-        loss_sum += loss.item()
-    optimizer.step()
-    schedule.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum
+def per_task(counts: dict[str, int]) -> int | dict[str, int]:
+    """A count as metadata records it: a number for an expert, a number per task for a multi-task run."""
+    return next(iter(counts.values())) if len(counts) == 1 else counts
 
 
-def run_key(loaded: LoadedModel, task: Task, n_rows: int, kept: list[Example], config: TrainSettings,
-            device: torch.device) -> str:
+def example_counts(encoded: dict[str, list[Example | None]], max_length: int) -> dict:
+    """How many examples each task's training used (the others had no target token left) and how
+    many of those max_length cut."""
+    used = {task: [e for e in examples if e is not None] for task, examples in encoded.items()}
+    return {"n_used": per_task({task: len(examples) for task, examples in used.items()}),
+            "n_truncated": per_task({task: sum(len(e.input_ids) == max_length for e in examples)
+                                     for task, examples in used.items()})}
+
+
+@dataclass
+class Trainer:
+    """What an optimizer step needs, on this rank."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    pad_id: int
+    device: torch.device
+    precision: torch.dtype
+    world: distributed.World
+
+    def step(self, micro_batches: list[list[Example]]) -> float:
+        """One update from its micro-batches; returns the update's mean target-token loss. Each rank
+        computes its share of every micro-batch."""
+        n_target = sum(sum(label != IGNORE_INDEX for label in e.labels) for batch in micro_batches for e in batch)
+        loss_sum = 0.0
+        for examples in micro_batches:
+            mine = self.world.share(examples)
+            if not mine:
+                continue
+            batch = collate(mine, self.pad_id, self.device)
+            # Divided by the whole update's token count, so that gradient accumulation (and the
+            # sum over ranks) gives the same step as one large batch.
+            loss = batch_loss_sum(self.model, batch, self.device, self.precision) / n_target
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        self.world.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.world.sum(loss_sum, self.device)
+
+
+def run_key(loaded: LoadedModel, identity: dict, kept: list[Example], config: TrainSettings,
+            device: torch.device, precision: torch.dtype) -> str:
     """Everything that decides this run's steps: only a checkpoint with this key is resumed."""
-    return stable_hash({"base": loaded.fingerprint, "task": task.name, "n_train": n_rows,
+    return stable_hash({"base": loaded.fingerprint, **identity,
                         "examples": [[e.input_ids, e.labels] for e in kept],
-                        "train": config.result_settings(), "device": device.type})
+                        "train": config.result_settings(), "device": device.type, "dtype": dtype_name(precision)})
 
 
 def plan_steps(kept: list[Example], config: TrainSettings) -> list[tuple[int, list[list[int]]]]:

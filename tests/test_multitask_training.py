@@ -1,0 +1,96 @@
+"""Multi-task training (one LoRA on the union of the tasks' rows, each encoded by its own task), and
+the expert path it generalises, which still writes the same bytes as before multitask existed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from loracombench import adapters
+from loracombench.config import TrainSettings
+from loracombench.models import load_model
+from loracombench.tasks import get_task
+from loracombench.training import (IGNORE_INDEX, encode_example, lora_init_seed, train_adapter,
+                                   train_multitask_adapter)
+
+AG = [{"text": f"{w} story {i}", "label": y} for i in range(3) for y, w in enumerate(["war", "goal", "stocks", "chip"])]
+GSM = [{"question": f"Tom has {a} apples and buys {b} more. How many apples?",
+        "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+       for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2)]]
+ROWS = {"ag_news": AG, "gsm8k": GSM}
+SETTINGS = dict(epochs=2, batch_size=3, grad_accum=2, max_length=64, learning_rate=5e-3, r=4, checkpoint_every=0)
+
+# SHA-256 of the expert adapters and loss curves that main's code (b061dc2, before multitask
+# training and data parallelism) wrote for SETTINGS on tiny-llama, on CPU with torch 2.13.0.
+REFERENCE_TORCH = "2.13.0"
+REFERENCE = {
+    "ag_news": ("94aca9eae6f2671247b613fc39d24b396322707527cf824c4993aae92fde3fda",
+                "b538ae198750ceafc7ac898fb375ec51f35fad213b911e14ee6f6b18500b908b"),
+    "gsm8k": ("cac43d49d562ffccb1ce83dd3bdc71472deaec68e5aa005a2ee752079a8ca1dd",
+              "52f4909f4fd06327b9ae0608afb6640a001caf659b0c81184f8e4f22645aa163"),
+}
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.skipif(not torch.__version__.startswith(REFERENCE_TORCH),
+                    reason=f"the reference bytes were computed with torch {REFERENCE_TORCH}")
+@pytest.mark.parametrize("task", sorted(REFERENCE))
+def test_expert_training_writes_the_bytes_it_wrote_before_multitask_training(tmp_path, task):
+    train_adapter(load_model("tiny-llama"), get_task(task), ROWS[task], TrainSettings(**SETTINGS), tmp_path,
+                  "cpu", progress=False)
+    assert (sha256(tmp_path / adapters.WEIGHTS_FILE), sha256(tmp_path / "loss_curve.json")) == REFERENCE[task]
+
+
+def target_tokens(tokenizer, task_name: str, rows: list[dict], max_length: int) -> int:
+    task = get_task(task_name)
+    return sum(sum(label != IGNORE_INDEX for label in encode_example(
+        tokenizer, task.prompt(r), task.target(r), max_length, task.target_ends_with_eos).labels) for r in rows)
+
+
+def test_multitask_loss_is_the_token_weighted_mix_of_each_task_encoded_its_own_way(tmp_path):
+    """lora_B starts at zero, so the first step's loss is the base model's mean target-token loss on
+    the rows it sees. With all rows in one step, the multi-task run sees the union of both tasks'
+    examples, each with its own task's prompt and target: its first loss is the experts' first
+    losses weighted by their target-token counts."""
+    one_step = TrainSettings(epochs=1, batch_size=len(AG) + len(GSM), max_length=128, checkpoint_every=0)
+    loaded = load_model("tiny-llama")
+    first_loss, tokens = {}, {}
+    for task, rows in ROWS.items():
+        train_adapter(load_model("tiny-llama"), get_task(task), rows, one_step, tmp_path / task, "cpu", progress=False)
+        first_loss[task] = json.loads((tmp_path / task / "loss_curve.json").read_text())[0]["loss"]
+        tokens[task] = target_tokens(loaded.tokenizer, task, rows, 128)
+    meta = train_multitask_adapter(loaded, ROWS, one_step, tmp_path / "multitask", "cpu", progress=False)
+    mixed = sum(first_loss[t] * tokens[t] for t in ROWS) / sum(tokens.values())
+    assert meta["final_loss"] == pytest.approx(mixed, rel=1e-5)
+    # and the tolerance separates the mix from either task alone
+    assert min(abs(mixed - loss) for loss in first_loss.values()) > 10 * 1e-5 * mixed
+
+
+def test_multitask_metadata_records_tasks_and_counts_and_ignores_the_order_tasks_are_given(tmp_path):
+    config = TrainSettings(**SETTINGS)
+    meta = train_multitask_adapter(load_model("tiny-llama"), ROWS, config, tmp_path / "a", "cpu", progress=False)
+    train_multitask_adapter(load_model("tiny-llama"), dict(reversed(ROWS.items())), config, tmp_path / "b", "cpu",
+                            progress=False)
+    assert sha256(tmp_path / "a" / adapters.WEIGHTS_FILE) == sha256(tmp_path / "b" / adapters.WEIGHTS_FILE)
+    saved = adapters.read_metadata(tmp_path / "a")
+    assert saved["kind"] == "trained" and saved["tasks"] == ["ag_news", "gsm8k"] and "task" not in saved
+    assert saved["n_train"] == saved["n_used"] == {"ag_news": len(AG), "gsm8k": len(GSM)}
+    assert saved["n_truncated"] == {"ag_news": 0, "gsm8k": 0}
+    # 17 rows in micro-batches of 3: 6 micro-batches, 3 steps an epoch
+    assert meta["steps"] == 6 and saved["world_size"] == 1
+    # its own initialisation, neither expert's
+    assert saved["init_seed"] not in {lora_init_seed(config, task) for task in ROWS}
+
+
+def test_multitask_needs_two_known_tasks():
+    config = TrainSettings(**SETTINGS)
+    with pytest.raises(ValueError, match=r"at least two tasks, got \['ag_news'\]"):
+        train_multitask_adapter(load_model("tiny-llama"), {"ag_news": AG}, config, "unused")
+    with pytest.raises(ValueError, match="unknown task 'mnli'; valid tasks: ag_news, gsm8k"):
+        train_multitask_adapter(load_model("tiny-llama"), {"ag_news": AG, "mnli": AG}, config, "unused")
