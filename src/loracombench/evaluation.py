@@ -26,6 +26,7 @@ class EvalConfig:
     generate_batch_size: int = 32
     seed: int = 1234
     split: str = "test"
+    dtype: str = "auto"  # the forward-pass precision (models.autocast): fp32 on CPU, bf16 on CUDA
 
     def __post_init__(self):
         """Sizes are counts: a zero or negative one would slice or batch silently wrong."""
@@ -65,7 +66,8 @@ def _carriers(requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[in
 
 @torch.inference_mode()
 def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list[int]]],
-                          batch_size: int = 16, desc: str = "score", progress: bool = False) -> list[float]:
+                          batch_size: int = 16, desc: str = "score", progress: bool = False,
+                          dtype: str = "auto") -> list[float]:
     """Sum of log p(continuation | context) per (context_ids, continuation_ids) request.
 
     Left padding puts every continuation at the end of its row, so only the last positions'
@@ -79,7 +81,7 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list
         chunk = carriers[start: start + batch_size]
         longest = max(len(cont) for _, cont, _ in chunk)
         batch = left_pad([ctx + cont for ctx, cont, _ in chunk], tokenizer.pad_token_id, device)
-        with autocast(device):
+        with autocast(device, dtype):
             logits = model(**batch, logits_to_keep=longest + 1).logits.float()
         for row, (_, carried, members) in enumerate(chunk):
             # Position t predicts token t+1; normalise only the positions that predict this row's
@@ -95,7 +97,8 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def score_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: int, progress: bool) -> list[list[float]]:
+def score_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: int, progress: bool,
+                  dtype: str = "auto") -> list[list[float]]:
     """Per row, the summed log-likelihood of each choice after the task's delimiter (lm-eval's
     `target_delimiter`), as lm-eval-harness scores multiple choice."""
     requests, owners = [], []
@@ -104,7 +107,7 @@ def score_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: in
         for choice in task.choices(row):
             requests.append((context, encode(tokenizer, task.choice_delimiter + choice)))
             owners.append(index)
-    flat = continuation_logprobs(model, tokenizer, requests, batch_size, f"score {task.name}", progress)
+    flat = continuation_logprobs(model, tokenizer, requests, batch_size, f"score {task.name}", progress, dtype)
     per_row = [[] for _ in rows]
     for index, value in zip(owners, flat):
         per_row[index].append(value)
@@ -119,7 +122,7 @@ def predict_multiple_choice(model, tokenizer, task: Task, rows, indices, config:
     """Per row: lm-eval's `acc` prediction (argmax of the summed log-likelihoods) and `acc_norm`
     prediction (argmax of the log-likelihood per character of the choice, without the delimiter,
     as lm-eval counts it)."""
-    scores = score_choices(model, tokenizer, task, rows, config.batch_size, progress)
+    scores = score_choices(model, tokenizer, task, rows, config.batch_size, progress, config.dtype)
     predictions = []
     for index, row, s in zip(indices, rows, scores):
         g, lengths = task.gold_index(row), [len(choice) for choice in task.choices(row)]
@@ -155,7 +158,7 @@ def generate(model, tokenizer, prompts: list[str], config: EvalConfig, stops, pr
         chunk = order[start: start + config.generate_batch_size]
         batch = left_pad([encode(tokenizer, prompts[i]) for i in chunk], tokenizer.pad_token_id, device)
         batch.pop("position_ids")  # generate() derives positions from the attention mask itself
-        with autocast(device):
+        with autocast(device, config.dtype):
             tokens = model.generate(**batch, do_sample=False, max_new_tokens=config.max_new_tokens,
                                     stop_strings=list(stops), tokenizer=tokenizer, use_cache=True,
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -174,7 +177,8 @@ def predict_generation(model, tokenizer, task: Task, rows, indices, config: Eval
     """Per row: the gold solution's per-token NLL, and for the generated prefix the output and
     the task's own extraction and comparison (Task.score_output)."""
     requests = [(encode(tokenizer, task.prompt(r)), encode(tokenizer, task.target(r))) for r in rows]
-    logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress)
+    logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress,
+                                     config.dtype)
     chosen = [k for k, index in enumerate(indices) if generated(index, config)]
     outputs = dict(zip(chosen, generate(model, tokenizer, [task.prompt(rows[k]) for k in chosen], config,
                                         task.stop_strings, progress)))

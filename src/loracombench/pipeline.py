@@ -14,7 +14,7 @@ a router, a weight search. All of them are scored on one base model per process
 
 from __future__ import annotations
 
-import hashlib
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,6 +138,14 @@ class Experiment:
 
     # ------------------------------------------------------------ data and base model
 
+    @property
+    def precision(self) -> str:
+        """The precision the config's dtype means on the config's device ("auto": bf16 on CUDA,
+        fp32 on CPU), for cache keys: the same config gives other numbers on another device."""
+        from .models import dtype_name, resolve_dtype
+
+        return dtype_name(resolve_dtype(self.config.dtype, pick_device(self.config.device), "dtype"))
+
     def base(self):
         """A fresh base model, for callers outside the run (the sweeps)."""
         return load_model(self.config.model, trust_remote_code=self.config.trust_remote_code)
@@ -185,7 +193,7 @@ class Experiment:
         settings = self.config.train_settings(task, seed)
         key = cell_key({"base": fingerprint, "task": task, "n": self.config.n_train[task],
                         "data_seed": self.config.data_seed, "data": self.data_source,
-                        "train": settings.result_settings()}, task)
+                        "train": settings.result_settings(), "precision": self.precision}, task)
         folder = self.out / "adapters" / f"seed{seed}" / task
 
         def compute():
@@ -193,7 +201,8 @@ class Experiment:
             with self.shared.borrowed() as loaded:
                 meta = train_adapter(loaded, get_task(task), self.train_rows(task), settings, folder,
                                      self.config.device, progress=self.progress,
-                                     extra_metadata={"cell_key": key, "data": self.data_source})
+                                     extra_metadata={"cell_key": key, "data": self.data_source},
+                                     dtype=self.config.dtype)
             log(f"train {task}: final loss {meta['final_loss']:.3f}")
 
         return Cell(f"train {task} (seed {seed})", folder, key, compute)
@@ -213,9 +222,11 @@ class Experiment:
             uses["train_data"] = {"n": self.config.n_train, "seed": self.config.data_seed, "data": self.data_source}
         if needs.base_forward or needs.gradients:
             uses["base"] = fingerprint
+            uses["precision"] = self.precision
         static = isinstance(composition, StaticMerge)
         key = cell_key({**uses, "seed": seed})
         folder = self.out / ("merges" if static else "compositions") / f"seed{seed}" / name
+        scratch = folder.parent / f"{folder.name}.scratch"
 
         def compute():
             inputs = BuildInputs(
@@ -226,7 +237,7 @@ class Experiment:
                 train_rows={t: self.train_rows(t) for t in experts} if (needs.router_training or needs.gradients)
                 else {},
                 train_settings={t: self.config.train_settings(t, seed) for t in experts},
-                device=self.config.device, progress=self.progress)
+                device=self.config.device, dtype=self.config.dtype, scratch=scratch, progress=self.progress)
             started = time.time()
             with io.atomic_dir(folder) as staging:
                 metadata = composition.build(inputs, staging)
@@ -234,6 +245,7 @@ class Experiment:
                     "composition": composition.name, "paper": composition.paper, "key": composition.key(),
                     "needs": asdict(needs), "needs_summary": needs.summary(), "cell_key": key, "seed": seed,
                     "build_s": round(time.time() - started, 2), "metadata": metadata})
+            shutil.rmtree(scratch, ignore_errors=True)
 
         return Cell(f"{'merge' if static else 'compose'} {name} (seed {seed})", folder, key, compute)
 
@@ -252,7 +264,7 @@ class Experiment:
         return EvalConfig(n_eval=settings.n_eval[task], n_generate=settings.n_generate,
                           max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                           generate_batch_size=settings.generate_batch_size, seed=settings.seed,
-                          split=settings.split)
+                          split=settings.split, dtype=self.precision)
 
     def eval_cell(self, entry: ModelEntry, task: str, fingerprint: dict) -> Cell:
         eval_config = self.eval_config(task)

@@ -9,6 +9,7 @@ from .arrow_router import ArrowRouting
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
 from .classifier_router import ClassifierRouting
 from .lorahub import LoraHub
+from .multitask import Multitask
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
 
@@ -36,6 +37,7 @@ register(OracleRouting)
 register(ClassifierRouting)
 register(ArrowRouting)
 register(LoraHub)
+register(Multitask)
 
 __all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
            "get_composition", "register"]

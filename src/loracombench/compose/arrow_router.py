@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .. import adapters, io
 from .base import ONLY_ROUTE, BuildInputs, Composed, Composition, check_params
-from .experts import load_experts, save_experts
+from .experts import EXPERTS_FILE, load_experts, save_experts
 
 SETTINGS_FILE = "arrow.json"
 DEFAULTS = {"top_k": 3, "temperature": 1.0}  # PEFT's ArrowConfig defaults (top_k, router_temperature)
@@ -37,6 +37,7 @@ DEFAULTS = {"top_k": 3, "temperature": 1.0}  # PEFT's ArrowConfig defaults (top_
 
 class ArrowRouting(Composition):
     name = "route_arrow"
+    artefacts = (SETTINGS_FILE, EXPERTS_FILE)
     paper = "Arrow (Ostapenko et al., 2024, arXiv:2405.11157), PEFT's ArrowConfig/create_arrow_model"
 
     def __init__(self, **params):

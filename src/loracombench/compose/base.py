@@ -59,6 +59,10 @@ class BuildInputs:
     train_rows: dict[str, list[dict]] = field(default_factory=dict)  # the experts' training rows per task
     train_settings: dict = field(default_factory=dict)  # task -> config.TrainSettings of its expert
     device: str = "auto"
+    dtype: str = "auto"  # config.dtype: the precision of forward and backward passes
+    # A folder that survives a killed build (unlike out_dir, a staging folder), for checkpoints
+    # that a rerun resumes from; removed once the cell is complete. None: no resumable state.
+    scratch: Path | None = None
     progress: bool = False
 
 

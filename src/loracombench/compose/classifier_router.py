@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 from .. import io
 from ..tasks import get_task
 from .base import BuildInputs, Composed, Composition, Needs, RoutedAdapters, check_params
-from .experts import load_experts, save_experts
+from .experts import EXPERTS_FILE, load_experts, save_experts
 
 ROUTER_FILE = "router.json"
 WEIGHTS_FILE = "router.safetensors"
@@ -91,6 +91,7 @@ class TfidfRouter:
 
 class ClassifierRouting(Composition):
     name = "route_classifier"
+    artefacts = (ROUTER_FILE, EXPERTS_FILE)
     paper = ("sequence-level routing to task experts as in LoraRetriever (Zhao et al., 2024, arXiv:2402.09997), "
              "with a TF-IDF + logistic regression router in place of its embedding retriever")
 

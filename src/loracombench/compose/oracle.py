@@ -5,29 +5,23 @@ any router over these experts, and retains exactly 100% of each expert by constr
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from .. import io
 from .base import BuildInputs, Composed, Composition, Needs, RoutedAdapters
-
-ROUTES_FILE = "routes.json"
+from .experts import EXPERTS_FILE, load_experts, save_experts
 
 
 class OracleRouting(Composition):
     name = "route_oracle"
-    artefacts = (ROUTES_FILE,)
+    artefacts = (EXPERTS_FILE,)
     paper = "the routing upper bound used by e.g. LoraRetriever (Zhao et al., 2024, arXiv:2402.09997)"
 
     def needs(self) -> Needs:
         return Needs(task_label_at_inference=True)
 
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
-        # Relative paths: the run folder may move (to another disk, another machine).
-        io.write_json(out_dir / ROUTES_FILE, {task: os.path.relpath(path, out_dir)
-                                              for task, path in inputs.experts.items()})
+        save_experts(out_dir, inputs.experts)
         return {"routes": sorted(inputs.experts)}
 
     def load(self, out_dir: Path) -> Composed:
-        experts = {task: out_dir / path for task, path in io.read_json(out_dir / ROUTES_FILE).items()}
-        return RoutedAdapters(experts, lambda task, prompts: [task.name] * len(prompts))
+        return RoutedAdapters(load_experts(out_dir), lambda task, prompts: [task.name] * len(prompts))

@@ -1,0 +1,58 @@
+"""The multi-task reference: one LoRA trained on the union of the tasks' training samples.
+
+Not a composition of the experts but the point every composition paper compares against
+(LoraHub, Huang et al. 2023, arXiv:2307.13269; LoRA Soups, Prabhakar et al. 2024,
+arXiv:2410.13025): what the same data and the same budget give when the tasks are known at
+training time. It uses the experts' settings, with the rank (and lora_alpha, so that the
+scaling alpha/r stays the experts') multiplied by `rank_factor`: at factor 2 it has as many
+parameters as the two experts together."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
+
+ADAPTER_DIR = "adapter"
+
+
+class Multitask(Composition):
+    name = "multitask"
+    paper = "the multi-task baseline of LoraHub (arXiv:2307.13269) and LoRA Soups (arXiv:2410.13025)"
+
+    def __init__(self, **params):
+        self.params = check_params(self.name, params, {"rank_factor": 1})
+        factor = self.params["rank_factor"]
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"composition 'multitask': rank_factor must be an integer >= 1, got {factor!r}")
+
+    def needs(self) -> Needs:
+        return Needs(gradients=True)
+
+    def settings(self, inputs: BuildInputs):
+        distinct = {s.model_dump_json(exclude={"seed"}) for s in inputs.train_settings.values()}
+        if len(distinct) != 1:
+            raise ValueError("multitask training needs one set of training settings, but train_per_task gives "
+                             f"the tasks {sorted(inputs.train_settings)} different ones")
+        settings = next(iter(inputs.train_settings.values()))
+        factor = self.params["rank_factor"]
+        return settings.model_copy(update={"r": settings.r * factor, "lora_alpha": settings.lora_alpha * factor})
+
+    def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
+        from ..training import train_multitask_adapter
+
+        if inputs.borrow_base is None or len(inputs.train_rows) < 2:
+            raise ValueError("multitask needs the base model and the training rows of at least two tasks")
+        # Trained in the cell's scratch folder, where a killed run's checkpoints are found again.
+        target = (inputs.scratch or out_dir) / ADAPTER_DIR
+        with inputs.borrow_base() as loaded:
+            metadata = train_multitask_adapter(loaded, inputs.train_rows, self.settings(inputs), target,
+                                               inputs.device, progress=inputs.progress, dtype=inputs.dtype)
+        if target.parent != out_dir:
+            shutil.copytree(target, out_dir / ADAPTER_DIR)
+        return {key: metadata[key] for key in ("tasks", "n_train", "n_used", "train_time_s", "steps", "final_loss")
+                if key in metadata}
+
+    def load(self, out_dir: Path) -> Composed:
+        return OneModel(out_dir / ADAPTER_DIR)
