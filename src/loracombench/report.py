@@ -204,20 +204,30 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def seeded_rows(cells: dict[tuple, list[dict | None]], records: list[dict]) -> list[list[str]]:
+def seeded_rows(cells: dict[tuple, list[dict | None]], records: list[dict],
+                text: dict[str, str] | None = None) -> list[list[str]]:
     """Table rows from {(label, seed): [value dict or None per column]}, in model order: one row
-    per seed, and for a label with several seeds a "mean ± std" row over its seeds' values."""
+    per seed, and for a label with several seeds a "mean ± std" row over its seeds' values.
+    `text`: a last column of text per label (what a composition needs)."""
     seeds = seeds_by_label(records)
     rows = []
     for label in model_order(records):
         group = sorted((seed for name, seed in cells if name == label), key=_seed_order)
-        rows += [[row_name(label, seed, seeds), *map(_cell, cells[(label, seed)])] for seed in group]
+        tail = [text.get(label, "")] if text is not None else []
+        rows += [[row_name(label, seed, seeds), *map(_cell, cells[(label, seed)]), *tail] for seed in group]
         if len(group) > 1:
             per_column = zip(*(cells[(label, seed)] for seed in group))
             rows.append([mean_row_name(label, len(group)),
                          *(_mean_std([c["value"] for c in column if c and c.get("value") is not None])
-                           for column in per_column)])
+                           for column in per_column), *tail])
     return rows
+
+
+def needs_text(records: list[dict]) -> dict[str, str] | None:
+    """What each composed model used beyond the experts' weights (compose.Needs.summary), or None
+    when no record says (result files written before compositions declared it)."""
+    needs = {r["model"]["label"]: r["model"]["needs"] for r in records if is_composed(r) and r["model"].get("needs")}
+    return needs or None
 
 
 # ---------------------------------------------------------------- the score table
@@ -233,9 +243,15 @@ def markdown_table(records: list[dict]) -> str:
         cells[key] = [values.get((*key, task.name, metric.name)) for task, metric in shown]
         if errors:
             cells[key].append({"value": errors[key]} if key in errors else None)
-    header = ["model", *(metric.title for _, metric in shown)] + (["stored ΔW error"] if errors else [])
-    rows = seeded_rows(cells, records)
+    needs = needs_text(records)
+    header = ["model", *(metric.title for _, metric in shown)] + (["stored ΔW error"] if errors else []) + (
+        ["needs"] if needs else [])
+    rows = seeded_rows(cells, records, needs)
     notes = ["Brackets: 95% intervals (Wilson for accuracies, bootstrap for F1 and NLL)."]
+    if needs:
+        notes.append("needs: what a composed model used beyond the experts' weights (validation examples per "
+                     "task, the tasks' training prompts, gradients or forward passes while building, the task "
+                     "label of each test example).")
     if errors:
         notes.append("stored ΔW error: a compressed merge's relative Frobenius error of its stored update "
                      "against the method's exact update (max over modules); – = stored exactly.")
