@@ -6,6 +6,7 @@ trained combinations are others. A new method is one module here plus one `regis
 from __future__ import annotations
 
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
+from .lora_soups import LoraSoups
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
 
@@ -30,6 +31,7 @@ def get_composition(name: str, params: dict | None = None) -> Composition:
 
 register(StaticMerge)
 register(OracleRouting)
+register(LoraSoups)
 
 __all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
            "get_composition", "register"]
