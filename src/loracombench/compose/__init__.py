@@ -10,6 +10,7 @@ from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAda
 from .classifier_router import ClassifierRouting
 from .lorahub import LoraHub
 from .multitask import Multitask
+from .lora_soups import LoraSoups
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
 
@@ -38,6 +39,7 @@ register(ClassifierRouting)
 register(ArrowRouting)
 register(LoraHub)
 register(Multitask)
+register(LoraSoups)
 
 __all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
            "get_composition", "register"]
