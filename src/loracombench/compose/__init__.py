@@ -9,8 +9,8 @@ from .arrow_router import ArrowRouting
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
 from .classifier_router import ClassifierRouting
 from .lorahub import LoraHub
-from .multitask import Multitask
 from .lora_soups import LoraSoups
+from .multitask import Multitask
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
 
