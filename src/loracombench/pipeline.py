@@ -193,9 +193,9 @@ class Experiment:
             log(f"baselines on {task}: {', '.join(folders)}")
 
     def _baseline_folders(self, task: str) -> dict[str, Path]:
-        from .baselines import BASELINES
+        from .baselines import baseline_names
 
-        return {name: self.out / "eval" / f"baseline_{name}" / task for name in BASELINES.get(task, [])}
+        return {name: self.out / "eval" / f"baseline_{name}" / task for name in baseline_names(task)}
 
     # ------------------------------------------------------------ the whole run
 
