@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -37,14 +36,6 @@ GSM_TEST = [
     {"question": "Tom has 3 apples and buys 2 more apples today.", "answer": "#### 6"},    # majority
     {"question": "Sara had 10 dollars and spent 4 dollars.", "answer": "#### 1,000"},       # nobody
 ]
-
-
-@pytest.fixture
-def fast_bootstrap(monkeypatch):
-    """Fewer macro-F1 bootstrap resamples: these tests check accuracies, not the F1 interval,
-    and the 1,000 default resamples per baseline dominate their run time."""
-    monkeypatch.setattr(metrics, "bootstrap_statistic",
-                        functools.partial(metrics.bootstrap_statistic, resamples=50))
 
 
 def by_name(results):
