@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -59,6 +60,16 @@ def make_small_mirror(root: Path) -> Path:
     write_jsonl(root / "gsm8k" / "train.jsonl", problems)
     write_jsonl(root / "gsm8k" / "test.jsonl", problems[:4])
     return root
+
+
+@pytest.fixture
+def fast_bootstrap(monkeypatch):
+    """Fewer macro-F1 bootstrap resamples, for tests that check accuracies, not the F1 interval:
+    the 1,000 default resamples per multiple-choice result dominate their run time."""
+    from loracombench import metrics
+
+    monkeypatch.setattr(metrics, "bootstrap_statistic",
+                        functools.partial(metrics.bootstrap_statistic, resamples=50))
 
 
 @pytest.fixture(scope="session")

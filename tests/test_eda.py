@@ -13,6 +13,7 @@ from conftest import write_mirror as write_splits
 
 from loracombench import eda
 from loracombench.data import DataError
+from loracombench.tasks import ag_news_analysis, eda_tools, gsm8k_analysis
 
 
 
@@ -38,9 +39,9 @@ GSM_TRAIN = [{"question": words(q), "answer": a} for q, a in zip([1, 2, 3, 4, 5]
 
 
 def test_word_counts_of_the_hand_made_answers():
-    assert [eda.word_count(a) for a in ANSWERS] == [2, 4, 5, 4, 5]
-    assert [eda.reasoning_steps(a) for a in ANSWERS] == [0, 1, 2, 1, 2]
-    assert [eda.calculator_annotations(a) for a in ANSWERS] == [0, 1, 2, 0, 2]
+    assert [eda_tools.word_count(a) for a in ANSWERS] == [2, 4, 5, 4, 5]
+    assert [gsm8k_analysis.reasoning_steps(a) for a in ANSWERS] == [0, 1, 2, 1, 2]
+    assert [gsm8k_analysis.calculator_annotations(a) for a in ANSWERS] == [0, 1, 2, 0, 2]
 
 
 def test_ag_news_counts_lengths_and_length_classifier():
@@ -75,13 +76,13 @@ def test_ag_news_counts_lengths_and_length_classifier():
 
 def test_stump_tie_rules_and_degenerate_input():
     # Lengths 1,2 -> class 1; 3,4 -> class 0: threshold 2.5, left 1, right 0.
-    stump = eda.fit_length_stump([1, 2, 3, 4], [1, 1, 0, 0])
+    stump = ag_news_analysis.fit_length_stump([1, 2, 3, 4], [1, 1, 0, 0])
     assert stump == {"threshold": 2.5, "left_class": 1, "right_class": 0, "train_accuracy": 1.0}
-    assert list(eda.predict_length_stump(stump, [0, 2.5, 2.6, 99])) == [1, 1, 0, 0]
+    assert list(ag_news_analysis.predict_length_stump(stump, [0, 2.5, 2.6, 99])) == [1, 1, 0, 0]
     # One distinct length: no split, the majority class (lower label on ties) everywhere.
-    flat = eda.fit_length_stump([5, 5, 5, 5], [2, 1, 2, 1])
+    flat = ag_news_analysis.fit_length_stump([5, 5, 5, 5], [2, 1, 2, 1])
     assert flat["threshold"] is None and flat["left_class"] == flat["right_class"] == 1
-    assert list(eda.predict_length_stump(flat, [1, 9])) == [1, 1]
+    assert list(ag_news_analysis.predict_length_stump(flat, [1, 9])) == [1, 1]
 
 
 def test_gsm8k_correlations_steps_and_annotations():
@@ -108,10 +109,10 @@ def test_gsm8k_correlations_steps_and_annotations():
 
 
 def test_fisher_interval_is_undefined_for_tiny_samples():
-    assert eda.fisher_ci(0.5, 3) == (None, None)
-    corr = eda.correlation([1, 2, 3], [3, 1, 2])
+    assert eda_tools.fisher_ci(0.5, 3) == (None, None)
+    corr = eda_tools.correlation([1, 2, 3], [3, 1, 2])
     assert corr["pearson"]["ci_low"] is None and corr["pearson"]["r"] == pytest.approx(-0.5)
-    constant = eda.correlation([1, 1, 1, 1, 1], [1, 2, 3, 4, 5])
+    constant = eda_tools.correlation([1, 1, 1, 1, 1], [1, 2, 3, 4, 5])
     assert constant["pearson"]["r"] is None and constant["spearman"]["r"] is None
 
 

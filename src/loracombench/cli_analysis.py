@@ -10,9 +10,15 @@ DEFAULT_TOKENIZER = "smollm2-135m"
 
 
 def _task_names() -> list[str]:
-    from .eda import REQUIRED_SPLITS
+    from .tasks import TASKS
 
-    return sorted(REQUIRED_SPLITS)
+    return sorted(TASKS)
+
+
+def _tasks_with_baselines() -> dict[str, list[str]]:
+    from .baselines import baseline_names
+
+    return {name: names for name in _task_names() if (names := baseline_names(name))}
 
 
 def add_parsers(subparsers) -> None:
@@ -21,12 +27,9 @@ def add_parsers(subparsers) -> None:
     eda = subparsers.add_parser(
         "eda",
         help="dataset statistics (JSON) and plots (PNG) for the tasks",
-        description="Exploratory data analysis: class counts and length distributions (AG News), "
-                    "whether text length predicts the class (length-only classifiers, "
-                    "Kruskal-Wallis), GSM8K question/answer length correlations with 95% CIs, "
-                    "reasoning steps and calculator annotations, and token-length percentiles of "
-                    "prompt+target under the base model's tokenizer. Writes OUT/eda_stats.json "
-                    "(last) and OUT/*.png.")
+        description="Exploratory data analysis: the statistics and plots each task declares (its "
+                    "module's eda_stats and eda_plots), and token-length percentiles of prompt+target "
+                    "under the base model's tokenizer. Writes OUT/eda_stats.json (last) and OUT/*.png.")
     eda.add_argument("--task", nargs="+", choices=_task_names(), default=_task_names(),
                      metavar="TASK", help=f"tasks to analyse (default: all; choices: {', '.join(_task_names())})")
     eda.add_argument("--data-dir", help="local mirror folder (default: $LORACOMBENCH_DATA_DIR, else the hub)")
@@ -37,15 +40,16 @@ def add_parsers(subparsers) -> None:
                      help="skip the token-length statistics (no tokenizer is loaded)")
     eda.set_defaults(func=run_eda_command)
 
+    with_baselines = _tasks_with_baselines()
     base = subparsers.add_parser(
         "baseline",
         help="classical baselines (TF-IDF classifiers, majority, nearest neighbour)",
-        description="Fit classical baselines on the train split and evaluate them on the test "
-                    "split. ag_news: majority class, multinomial naive Bayes, TF-IDF + logistic "
-                    "regression, TF-IDF + linear SVM. gsm8k: majority answer, TF-IDF nearest "
-                    "neighbour. Writes OUT/<baseline>/metrics.json and predictions.jsonl in the "
-                    "format of model evaluations.")
-    base.add_argument("--task", required=True, choices=_task_names(), help="task to evaluate")
+        description="Fit the classical baselines a task declares on the train split and evaluate "
+                    "them on the test split. "
+                    + " ".join(f"{task}: {', '.join(names)}." for task, names in with_baselines.items())
+                    + " Writes OUT/<baseline>/metrics.json and predictions.jsonl in the format of "
+                      "model evaluations.")
+    base.add_argument("--task", required=True, choices=list(with_baselines), help="task to evaluate")
     base.add_argument("--data-dir", help="local mirror folder (default: $LORACOMBENCH_DATA_DIR, else the hub)")
     base.add_argument("--n-train", type=count(1), default=None,
                       help=f"seeded sample of N training rows (default: all; {SAMPLE_HELP})")
@@ -81,30 +85,10 @@ def run_eda_command(args: argparse.Namespace) -> int:
         record = read_json(written)
     path = args.out / written.name
     print(f"wrote {path} and {len(record['plots'])} plots in {args.out}")
-    for name, stats in record["tasks"].items():
-        if name == "ag_news":
-            lpc = stats["length_predicts_class"]
-            acc = lpc["decision_stump"]["accuracy"]
-            print(f"ag_news: length-only stump test accuracy {acc['value']:.3f} "
-                  f"[{acc['ci_low']:.3f}, {acc['ci_high']:.3f}] vs chance {lpc['chance']:.2f}")
-        if name == "gsm8k":
-            for split, s in stats["splits"].items():
-                corr = s["question_answer_correlation"]
-                print(f"gsm8k {split}: question/answer words Pearson {_r(corr['pearson'])}, "
-                      f"Spearman {_r(corr['spearman'])}")
-        if stats.get("token_lengths"):
-            pooled = stats["token_lengths"]["all_splits"]["prompt_plus_target"]
-            print(f"{name}: prompt+target tokens p50 {pooled['p50']:.0f}, p95 {pooled['p95']:.0f}, "
-                  f"p99 {pooled['p99']:.0f}, max {pooled['max']:.0f}")
+    for stats in record["tasks"].values():
+        for line in eda.summary_lines(stats):
+            print(line)
     return 0
-
-
-def _r(d: dict) -> str:
-    if d["r"] is None:
-        return "undefined"
-    if d["ci_low"] is None:
-        return f"{d['r']:.3f}"
-    return f"{d['r']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
 
 def run_baseline_command(args: argparse.Namespace) -> int:

@@ -283,12 +283,12 @@ class Experiment:
         return Cell(f"eval {entry.slug} on {task}", folder, key, compute)
 
     def baseline_cells(self) -> list[Cell]:
-        from .baselines import BASELINES, evaluate_baselines
+        from .baselines import baseline_names, evaluate_baselines
 
         cells = []
         for task in self.config.tasks:
             eval_config = self.eval_config(task)
-            for name in BASELINES.get(task, []):
+            for name in baseline_names(task):
                 key = cell_key({"baselines": task, "baseline": name, "data": self.data_source,
                                 "n_train": self.config.n_train[task], "data_seed": self.config.data_seed,
                                 "eval": eval_config.__dict__}, task, cache.BASELINE_LIBRARIES)

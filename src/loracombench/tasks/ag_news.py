@@ -7,6 +7,7 @@ topic name as the continuation of the prompt.
 
 from __future__ import annotations
 
+from .ag_news_analysis import AgNewsAnalysis
 from .base import ReportMetric, Task
 
 # The dataset calls class 3 "Sci/Tech"; as a continuation that is three tokens for SmolLM2 and
@@ -17,8 +18,9 @@ DATASET_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 LABELS = ("World", "Sports", "Business", "Technology")
 
 
-class AgNews(Task):
+class AgNews(AgNewsAnalysis, Task):
     name = "ag_news"
+    title = "AG News"
     description = "AG News: 4-way news topic classification (World, Sports, Business, Sci/Tech as 'Technology')"
     hub_path = "fancyzhx/ag_news"
     splits = ("train", "validation", "test")

@@ -7,7 +7,8 @@ import inspect
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
 
 from ..stats import PAIRED_COMPARISONS
 
@@ -37,6 +38,19 @@ class ReportMetric:
             raise ValueError(f"metric {self.name!r}: macro_f1 needs n_classes")
         if self.paired != "macro_f1" and not self.field:
             raise ValueError(f"metric {self.name!r}: a {self.paired!r} comparison needs the per-example field")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A classical baseline of a task: fit on training rows, predict evaluation rows.
+
+    predict(train, evaluation, seed) gives one prediction per evaluation row: the choice index on
+    a multiple-choice task; {"prediction": final answer, ...fields kept beside it} on a generation
+    task, scored through Task.answer_as_output like a model's output (baselines.py does both)."""
+
+    name: str  # its result folder and table row
+    config: dict  # what it is, exactly as written to its result's config
+    predict: Callable[[list[dict], list[dict], int], Sequence]
 
 
 class Task(ABC):
@@ -72,6 +86,13 @@ class Task(ABC):
     # Bump when the prompt, target or scoring changes through code outside the task's module
     # (the module's own source is hashed into cache keys by fingerprint()).
     version: ClassVar[int] = 1
+    # Splits the task's own data statistics (eda_stats) cannot do without.
+    eda_splits: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def title(self) -> str:
+        """How plots name the task (a subclass sets a class attribute)."""
+        return self.name
 
     @abstractmethod
     def prompt(self, row: dict) -> str:
@@ -104,6 +125,33 @@ class Task(ABC):
         """Generation tasks: per-example fields for one generated output (the task owns its
         answer extraction and comparison), including every field named in generation_metrics."""
         raise TypeError(f"task {self.name!r} is a {self.kind} task, not scored by generation")
+
+    def answer_as_output(self, answer: str) -> str:
+        """Generation tasks: the output a model would write to give this final answer. Baselines
+        answer through it, so the task's own extraction scores them exactly like a model."""
+        if self.kind != "generation":
+            raise TypeError(f"task {self.name!r} is a {self.kind} task, not scored by generation")
+        return answer
+
+    # ---- what the benchmark reports about the task besides models (none by default)
+
+    def baselines(self) -> tuple[Baseline, ...]:
+        """The classical baselines every adapter of this task has to clear."""
+        return ()
+
+    def eda_stats(self, splits: dict[str, list[dict]]) -> dict:
+        """The task's own data statistics (JSON-ready) from validated splits that include
+        eda_splits; every task also gets token lengths (eda.py)."""
+        return {}
+
+    def eda_plots(self, stats: dict, splits: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+        """The task's own figures of its statistics, written atomically into out_dir."""
+        return []
+
+    def eda_summary(self, stats: dict) -> list[str]:
+        """The lines `loracombench eda` prints about the task's own statistics."""
+        return []
+
     def fingerprint(self) -> dict:
         """What fixes this task's prompts, targets and scoring, for cache keys: its version and a
         hash of its module's source and of the methods the class carries now. Any edit there,

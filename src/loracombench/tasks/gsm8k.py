@@ -31,6 +31,7 @@ import re
 from decimal import Decimal
 
 from .base import ReportMetric, Task
+from .gsm8k_analysis import Gsm8kAnalysis
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -85,8 +86,9 @@ def same_number(prediction: str, reference: str) -> bool:
     return predicted is not None and predicted == gold
 
 
-class Gsm8k(Task):
+class Gsm8k(Gsm8kAnalysis, Task):
     name = "gsm8k"
+    title = "GSM8K"
     description = "GSM8K: grade-school math word problems, final numeric answer"
     hub_path = "openai/gsm8k"
     hub_config = "main"
