@@ -238,7 +238,7 @@ def cmd_diagnose(args) -> int:
 def cmd_run(args) -> int:
     from .config import load_config
     from .outputs import check_out
-    from .pipeline import run_experiment
+    from .pipeline import ProcessExecutor, run_experiment
 
     overrides = {}
     if args.data_dir:
@@ -248,7 +248,8 @@ def cmd_run(args) -> int:
     config = load_config(args.config, overrides)
     out = check_out(args.out or Path("runs") / config.name, "run",
                     inputs={"data_dir": _data_input(config.data_dir), "model": _local_path(config.model)})
-    run_dir = run_experiment(config, out, trust_remote_code=args.trust_remote_code)
+    executor = ProcessExecutor(args.workers) if args.workers > 1 else None
+    run_dir = run_experiment(config, out, trust_remote_code=args.trust_remote_code, executor=executor)
     print()
     print((run_dir / "results.md").read_text())
     print(f"results: {run_dir / 'results.csv'}, {run_dir / 'results.md'}; plot: {run_dir / 'results.png'}")
@@ -426,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (default runs/<config name>); an earlier run folder is resumed, "
                         "anything else must be new or empty. Sample sizes larger than a split are an error")
+    p.add_argument("--workers", type=count(1), default=1,
+                   help="run each stage's cells in this many local processes, sharing the CPU threads "
+                        "(default 1: every cell in this process). Numbers match a 1-worker run up to "
+                        "floating-point summation order")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="choose each task's learning rate on validation data (never test)")

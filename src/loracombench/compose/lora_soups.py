@@ -39,7 +39,8 @@ from ..evaluation import model_device
 from ..merging.factors import LoraFactors
 from ..merging.ops import concat_factors
 from ..tasks import get_task
-from ..training import Example, encode_example, optimizer_step, plan_steps
+from ..distributed import World
+from ..training import Example, Trainer, encode_example, plan_steps
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
 from .static_merge import ADAPTER_DIR
 
@@ -149,12 +150,14 @@ def train_weights(cat: ConcatenatedExperts, model, examples: list[Example], sett
     steps = plan_steps(examples, settings)
     optimizer = torch.optim.AdamW(cat.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(steps))
+    # One process, fp32, no loss scaling: the experts' optimizer step on α alone.
+    trainer = Trainer(model, optimizer, schedule, torch.amp.GradScaler(device.type, enabled=False), pad_id, device,
+                      torch.float32, World())
     curve = []
     model.eval()
     with frozen(model), cat.attached(model):
         for epoch, step in tqdm(steps, desc="lora_soups", disable=not progress):
-            loss = optimizer_step(model, optimizer, schedule, [[examples[i] for i in chunk] for chunk in step],
-                                  pad_id, device)
+            loss = trainer.step([[examples[i] for i in chunk] for chunk in step])
             curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss})
     return curve
 
