@@ -32,8 +32,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
 
+# BENCH_ARGS: e.g. --only scoring,merge, or --run-log run.log (the output of a finished `make run`).
 bench: install
-	$(PY) benchmarks/bench_merge.py
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

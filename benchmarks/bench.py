@@ -1,0 +1,514 @@
+"""`make bench`: how fast training, scoring, generation, adapter swaps and merges are, each against
+what a user would otherwise run, measured side by side in this one process.
+
+Every figure is a ratio of two timings taken here, one after the other, on the same model, rows
+and settings, so that the load of the machine cancels out as far as it can; the issue's targets
+are reported next to them (met or not), never asserted. Writes bench.json and bench.md.
+
+    python benchmarks/bench.py [--only training,scoring,...] [--model tiny-llama] [--run-log LOG]
+
+Sections: training (our trainer against transformers' Trainer with PEFT), scoring (AG News
+choices read off one forward pass, against a forward pass per choice and against generating the
+label), generation (batched GSM8K generation against one prompt at a time), adapters (N adapters
+on one loaded base against a base load per adapter), merge (seconds per merge method,
+bench_merge.py) and run (the stage times of a finished `loracombench run` from its printed log,
+and the peak RSS of this process). The defaults are sized for about 10 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import re
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+import bench_merge
+from loracombench import adapters, evaluation, io
+from loracombench.config import PRESETS_DIR, TrainSettings
+from loracombench.data import load_sample
+from loracombench.evaluation import EvalConfig
+from loracombench.models import DEFAULT_MODEL, load_model
+from loracombench.tasks import get_task
+from loracombench.training import IGNORE_INDEX, encode_example, lora_config, train_adapter
+
+DEFAULT_OUT = Path(__file__).parent / "results"
+TRAIN_TASKS = ("ag_news", "gsm8k")
+MINUTE = 60.0
+GB = 1024**3
+
+
+# ---------------------------------------------------------------- figures and targets
+
+@dataclass(frozen=True)
+class Target:
+    """A bound the issue sets on a ratio: at least `bound` (a speed-up) or at most (a budget)."""
+
+    bound: float
+    at_least: bool = True
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.at_least else value <= self.bound
+
+    def __str__(self) -> str:
+        return f"{'≥' if self.at_least else '≤'} {self.bound:g}"
+
+
+def ratio(figure: str, value: float, target: Target | None = None) -> dict:
+    return {"figure": figure, "value": round(value, 4), "target": str(target) if target else None,
+            "met": target.met(value) if target else None}
+
+
+def timed(work: Callable):
+    """(what work returns, its wall seconds)."""
+    started = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - started
+
+
+def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b) for x, y in zip(row_a, row_b))
+
+
+def argmaxes(scores: list[list[float]]) -> list[int]:
+    return [evaluation.argmax(row) for row in scores]
+
+
+class Context:
+    """What the sections share: the arguments and one loaded base, loaded when first needed."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    @cached_property
+    def shared(self) -> adapters.SharedBase:
+        shared = adapters.SharedBase(load_model(self.args.model))
+        warm_up(shared.loaded)
+        return shared
+
+    def train_settings(self) -> TrainSettings:
+        """The default run's LoRA and optimiser settings, at the bench's batch size, one epoch, never checkpointed."""
+        preset = yaml.safe_load((PRESETS_DIR / "default.yaml").read_text(encoding="utf-8"))["train"]
+        return TrainSettings(**{**preset, "epochs": 1, "batch_size": self.args.train_batch_size, "checkpoint_every": 0})
+
+    def sample(self, task: str, split: str, n: int) -> list[dict]:
+        return load_sample(task, split, n, self.args.seed, self.args.data_dir)
+
+
+@torch.inference_mode()
+def warm_up(loaded) -> None:
+    """One forward pass first, so that no timed side pays the first call's allocations alone."""
+    ids = torch.tensor([evaluation.encode(loaded.tokenizer, "warm up " * 32)])
+    loaded.model(input_ids=ids)
+
+
+# ---------------------------------------------------------------- 1. training
+
+def matmul_peak_flops(size: int, repeats: int = 5) -> float:
+    """The best FLOP/s of an fp32 square matmul on this machine: what training is a fraction of."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    torch.matmul(a, b, out=out)
+    best = min(timed(lambda: torch.matmul(a, b, out=out))[1] for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    """N of the 4·N FLOPs per token: every parameter but the input embedding (a lookup, not a
+    matmul). A tied output projection shares the embedding's tensor, so it is not counted either."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not embedding)
+
+
+def hf_trainer_seconds(loaded, examples, settings: TrainSettings, scratch: str) -> float:
+    """One epoch of transformers' Trainer over a PEFT model with its defaults (full logits,
+    right padding, random order), on our encoded examples; its own train_runtime, which like our
+    train_time_s leaves out tokenising and wrapping the model but counts its optimizer's set-up."""
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+
+    torch.manual_seed(settings.seed)
+    model = get_peft_model(loaded.model, lora_config(settings, loaded.model.config.model_type))
+    arguments = TrainingArguments(output_dir=scratch, per_device_train_batch_size=settings.batch_size,
+                                  num_train_epochs=1, learning_rate=settings.learning_rate, seed=settings.seed,
+                                  report_to="none", save_strategy="no", disable_tqdm=True)
+    dataset = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+               for e in examples]
+    collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
+    trainer.remove_callback(PrinterCallback)  # it would print the final metrics into the bench's output
+    return trainer.train().metrics["train_runtime"]
+
+
+def train_one_task(ctx: Context, task_name: str, settings: TrainSettings) -> dict:
+    task = get_task(task_name)
+    rows = ctx.sample(task_name, "train", ctx.args.train_rows)
+    encoded = [encode_example(ctx.shared.loaded.tokenizer, task.prompt(r), task.target(r), settings.max_length,
+                              task.target_ends_with_eos) for r in rows]
+    examples = [e for e in encoded if e is not None]
+    with tempfile.TemporaryDirectory() as scratch, ctx.shared.borrowed() as loaded:
+        ours = train_adapter(loaded, task, rows, settings, Path(scratch) / "adapter", progress=False)["train_time_s"]
+    with tempfile.TemporaryDirectory() as scratch, ctx.shared.borrowed() as loaded:
+        hf = hf_trainer_seconds(loaded, examples, settings, scratch)
+    return {"examples": len(examples), "steps": -(-len(examples) // settings.batch_size),
+            # Useful: the target tokens the loss is taken on; processed: every non-pad token,
+            # each of which goes forward and backward through the model.
+            "useful_tokens": sum(label != IGNORE_INDEX for e in examples for label in e.labels),
+            "processed_tokens": sum(len(e.input_ids) for e in examples),
+            "seconds": {"ours": ours, "hf_trainer_peft": hf}}
+
+
+def training_section(ctx: Context) -> dict:
+    settings = ctx.train_settings()
+    peak = matmul_peak_flops(ctx.args.matmul_size)
+    per_task = {task: train_one_task(ctx, task, settings) for task in TRAIN_TASKS}
+    parameters = non_embedding_parameters(ctx.shared.loaded.model)
+    totals = {key: sum(t[key] for t in per_task.values()) for key in ("useful_tokens", "processed_tokens")}
+    seconds = {who: sum(t["seconds"][who] for t in per_task.values()) for who in ("ours", "hf_trainer_peft")}
+    flops = 4 * parameters * totals["processed_tokens"]
+    ratios = [ratio("useful tokens/s: ours ÷ HF Trainer + PEFT defaults, all tasks",
+                    seconds["hf_trainer_peft"] / seconds["ours"], Target(1.5))]
+    ratios += [ratio(f"useful tokens/s: ours ÷ HF Trainer + PEFT defaults, {task}",
+                     t["seconds"]["hf_trainer_peft"] / t["seconds"]["ours"]) for task, t in per_task.items()]
+    ratios += [ratio("model FLOP/s ÷ fp32 matmul peak, ours", flops / seconds["ours"] / peak, Target(0.5)),
+               ratio("model FLOP/s ÷ fp32 matmul peak, HF Trainer + PEFT", flops / seconds["hf_trainer_peft"] / peak)]
+    return {"ratios": ratios, "measured": {
+        "per_task": per_task, **totals, "seconds": seconds,
+        "useful_tokens_per_s": {who: totals["useful_tokens"] / s for who, s in seconds.items()},
+        "non_embedding_parameters": parameters, "flops_per_processed_token": 4 * parameters,
+        "model_gflops_per_s": {who: flops / s / 1e9 for who, s in seconds.items()},
+        "matmul_peak_gflops_per_s": peak / 1e9, "matmul_size": ctx.args.matmul_size,
+        "settings": {k: getattr(settings, k) for k in ("r", "lora_alpha", "lora_dropout", "learning_rate",
+                                                         "batch_size", "max_length", "epochs")}}}
+
+
+# ---------------------------------------------------------------- 2. AG News scoring
+
+@torch.inference_mode()
+def score_each_choice(model, tokenizer, task, rows: list[dict]) -> list[list[float]]:
+    """lm-eval-harness's default multiple-choice scoring: one forward pass per (article, choice),
+    batch size 1, the log-softmax taken over every position's full vocabulary."""
+    device = evaluation.model_device(model)
+    scores = []
+    for row in rows:
+        context = evaluation.encode(tokenizer, task.prompt(row))
+        row_scores = []
+        for choice in task.choices(row):
+            continuation = evaluation.encode(tokenizer, task.choice_delimiter + choice)
+            inputs = torch.tensor([(context + continuation)[:-1]], device=device)
+            logprobs = torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1)[-len(continuation):]
+            row_scores.append(logprobs.gather(1, torch.tensor(continuation, device=device)[:, None]).sum().item())
+        scores.append(row_scores)
+    return scores
+
+
+def scoring_section(ctx: Context) -> dict:
+    args, task = ctx.args, get_task("ag_news")
+    rows = ctx.sample("ag_news", "test", args.score_rows)
+    tokenizer = ctx.shared.loaded.tokenizer
+    label_config = EvalConfig(max_new_tokens=args.label_tokens, generate_batch_size=args.score_batch_size)
+    with ctx.shared.with_adapter(None) as model:
+        ours, ours_s = timed(lambda: evaluation.score_choices(model, tokenizer, task, rows, args.score_batch_size,
+                                                              progress=False))
+        each, each_s = timed(lambda: score_each_choice(model, tokenizer, task, rows))
+        _, generate_s = timed(lambda: evaluation.generate(model, tokenizer, [task.prompt(r) for r in rows],
+                                                          label_config, ("\n",), progress=False))
+    difference = max_abs_diff(ours, each)
+    same = sum(a == b for a, b in zip(argmaxes(ours), argmaxes(each)))
+    return {"ratios": [ratio("articles/s: score_choices ÷ a forward pass per choice (lm-eval default)",
+                             each_s / ours_s, Target(3)),
+                       ratio("articles/s: score_choices ÷ generating the label (batched greedy)",
+                             generate_s / ours_s)],
+            "agreement": {"max_abs_logprob_diff": difference, "same_prediction": same, "rows": len(rows),
+                          "holds": difference < ctx.args.tolerance and same == len(rows)},
+            "measured": {"articles": len(rows), "choices": len(task.choices(rows[0])),
+                         "seconds": {"score_choices": ours_s, "per_choice": each_s, "generate_label": generate_s},
+                         "batch_size": args.score_batch_size, "label_tokens": args.label_tokens}}
+
+
+# ---------------------------------------------------------------- 3. GSM8K generation
+
+@torch.inference_mode()
+def generate_one_by_one(model, tokenizer, prompts: list[str], max_new_tokens: int, stops) -> list[str]:
+    """What a user writes without batching: model.generate on each prompt alone, greedy, KV-cached."""
+    device = evaluation.model_device(model)
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([evaluation.encode(tokenizer, prompt)], device=device)
+        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=max_new_tokens, stop_strings=list(stops), tokenizer=tokenizer,
+                                use_cache=True, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True)
+        outputs.append(evaluation.cut_at_stop(text, stops))
+    return outputs
+
+
+def generation_section(ctx: Context) -> dict:
+    args, task = ctx.args, get_task("gsm8k")
+    prompts = [task.prompt(r) for r in ctx.sample("gsm8k", "test", args.generate_rows)]
+    tokenizer = ctx.shared.loaded.tokenizer
+    config = EvalConfig(max_new_tokens=args.max_new_tokens, generate_batch_size=args.generate_batch_size)
+    with ctx.shared.with_adapter(None) as model:
+        batched, batched_s = timed(lambda: evaluation.generate(model, tokenizer, prompts, config, task.stop_strings,
+                                                               progress=False))
+        single, single_s = timed(lambda: generate_one_by_one(model, tokenizer, prompts, args.max_new_tokens,
+                                                             task.stop_strings))
+    identical = sum(a == b for a, b in zip(batched, single))
+    return {"ratios": [ratio("prompts/s: batched evaluation.generate ÷ one-by-one model.generate",
+                             single_s / batched_s, Target(4))],
+            "agreement": {"identical_outputs": identical, "prompts": len(prompts), "holds": identical == len(prompts)},
+            "measured": {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                         "batch_size": args.generate_batch_size,
+                         "generated_tokens": sum(len(evaluation.encode(tokenizer, o)) for o in batched),
+                         "seconds": {"batched": batched_s, "one_by_one": single_s}}}
+
+
+# ---------------------------------------------------------------- 4. N adapters, one base load
+
+def write_random_adapters(shared: adapters.SharedBase, settings: TrainSettings, count: int, std: float,
+                          folder: Path) -> list[Path]:
+    """`count` seeded LoRA adapters of the trainer's shape, lora_B drawn at random (a fresh LoRA
+    has lora_B = 0, which would make every adapter the base)."""
+    from peft import get_peft_model
+
+    paths = []
+    for index in range(count):
+        with shared.borrowed() as loaded:
+            torch.manual_seed(index)
+            model = get_peft_model(loaded.model, lora_config(settings, loaded.model.config.model_type))
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "lora_B" in name:
+                        parameter.normal_(std=std)
+            model.peft_config["default"].base_model_name_or_path = loaded.path
+            paths.append(adapters.save_peft_model(model, folder / f"random-{index}",
+                                                  {"kind": "bench-random", "base_model": loaded.fingerprint}))
+    return paths
+
+
+def adapters_section(ctx: Context) -> dict:
+    args, task = ctx.args, get_task("ag_news")
+    rows = ctx.sample("ag_news", "test", args.adapter_rows)
+
+    def score(model, tokenizer) -> list[list[float]]:
+        return evaluation.score_choices(model, tokenizer, task, rows, args.score_batch_size, progress=False)
+
+    def one_load() -> list:
+        shared = adapters.SharedBase(load_model(args.model))
+        scores = []
+        for path in paths:
+            with shared.with_adapter(path) as model:
+                scores.append(score(model, shared.loaded.tokenizer))
+        return scores
+
+    def load_per_adapter() -> list:
+        scores = []
+        for path in paths:
+            loaded = load_model(args.model)
+            scores.append(score(adapters.apply_adapter(loaded, path), loaded.tokenizer))
+        return scores
+
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = write_random_adapters(ctx.shared, ctx.train_settings(), args.adapters, args.adapter_std, Path(scratch))
+        gc.collect()
+        shared_scores, shared_s = timed(one_load)
+        gc.collect()
+        reloaded_scores, reloaded_s = timed(load_per_adapter)
+    difference = max(max_abs_diff(a, b) for a, b in zip(shared_scores, reloaded_scores))
+    same = sum(argmaxes(a) == argmaxes(b) for a, b in zip(shared_scores, reloaded_scores))
+    return {"ratios": [ratio(f"{args.adapters} adapters evaluated: one base load (folded in) ÷ a base load per adapter",
+                             reloaded_s / shared_s)],
+            "agreement": {"max_abs_logprob_diff": difference, "adapters_with_same_predictions": same,
+                          "adapters": len(paths), "holds": same == len(paths) and difference < ctx.args.tolerance},
+            "measured": {"adapters": len(paths), "articles": len(rows), "lora_B_std": args.adapter_std,
+                         "seconds": {"one_base_load": shared_s, "base_load_per_adapter": reloaded_s}}}
+
+
+# ---------------------------------------------------------------- 5. merge time per method
+
+def merge_section(ctx: Context) -> dict:
+    timing = bench_merge.merge_timing(ctx.args.merge_repeats, ctx.args.merge_threads, ctx.args.merge_layers)
+    seconds, reference = timing["seconds"], timing["seconds"]["average"]
+    return {"ratios": [ratio(f"{label} ÷ average (merge seconds)", value / reference)
+                       for label, value in seconds.items() if label != "average"],
+            "measured": timing}
+
+
+# ---------------------------------------------------------------- 6. the default run
+
+STAGES_LINE = re.compile(r"stages: (?P<stages>[^;\n]*); total (?P<total>\d+(?:\.\d+)?) s")
+STAGE = re.compile(r"(?P<name>[\w-]+) (?P<seconds>\d+(?:\.\d+)?) s")
+TIME_MAX_RSS = re.compile(r"Maximum resident set size \(kbytes\): (?P<kb>\d+)")  # GNU time -v
+
+
+class BenchError(ValueError):
+    """A bench input that cannot be used; the message is one line."""
+
+
+def read_run_log(path: Path) -> dict:
+    """Stage seconds and total of the last `stages: ...; total T s` line `loracombench run` printed,
+    and the peak RSS that GNU `time -v` reported, if the log has it."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise BenchError(f"{path}: cannot read the run log ({err.strerror})") from None
+    lines = list(STAGES_LINE.finditer(text))
+    if not lines:
+        raise BenchError(f"{path}: no '[hh:mm:ss] stages: train X s, ...; total T s' line, which "
+                         f"`loracombench run` prints when it finishes (pass the log of a finished run)")
+    last = lines[-1]
+    rss = TIME_MAX_RSS.findall(text)
+    return {"stages": {m["name"]: float(m["seconds"]) for m in STAGE.finditer(last["stages"])},
+            "total_s": float(last["total"]), "peak_rss_gb": int(rss[-1]) * 1024 / GB if rss else None}
+
+
+def run_section(ctx: Context) -> dict:
+    """Read last of all, so that the peak RSS covers every section before it."""
+    bench_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux reports kB
+    ratios, measured = [], {"bench_peak_rss_gb": bench_rss}
+    if ctx.args.run_log:
+        run = read_run_log(ctx.args.run_log)
+        measured["run"] = run
+        ratios += [ratio(f"{stage} ÷ total (share of the run's time)", seconds / run["total_s"])
+                   for stage, seconds in run["stages"].items()]
+        ratios.append(ratio("run time ÷ 20 minutes", run["total_s"] / (20 * MINUTE), Target(1, at_least=False)))
+        if run["peak_rss_gb"] is not None:
+            ratios.append(ratio("run peak RSS ÷ 4 GB (GNU time -v)", run["peak_rss_gb"] / 4, Target(1, at_least=False)))
+    if ctx.args.cached_run_log:
+        rerun = read_run_log(ctx.args.cached_run_log)
+        measured["cached_rerun"] = rerun
+        ratios.append(ratio("fully cached rerun time ÷ 1 minute", rerun["total_s"] / MINUTE, Target(1, at_least=False)))
+    ratios.append(ratio("this bench's peak RSS ÷ 4 GB", bench_rss / 4, Target(1, at_least=False)))
+    if not ctx.args.run_log:
+        measured["note"] = "no --run-log given: the run's stage times are not reported"
+    return {"ratios": ratios, "measured": measured}
+
+
+# ---------------------------------------------------------------- sections, output, command line
+
+SECTIONS: dict[str, Callable[[Context], dict]] = {
+    "training": training_section,
+    "scoring": scoring_section,
+    "generation": generation_section,
+    "adapters": adapters_section,
+    "merge": merge_section,
+    "run": run_section,  # last: its peak RSS covers the sections before it
+}
+
+
+def select_sections(only: str | None) -> list[str]:
+    """The sections `--only` names, in SECTIONS order; all of them when it is not given."""
+    if only is None:
+        return list(SECTIONS)
+    names = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise BenchError(f"--only: unknown section(s) {', '.join(unknown) or repr(only)}; valid: {', '.join(SECTIONS)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise BenchError(f"--only: section(s) named twice: {', '.join(repeated)}; valid: {', '.join(SECTIONS)}")
+    return [name for name in SECTIONS if name in names]
+
+
+def setup(args: argparse.Namespace) -> dict:
+    import peft
+    import transformers
+
+    return {"model": args.model, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(), "seed": args.seed,
+            "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+
+
+def markdown(result: dict) -> str:
+    s = result["setup"]
+    lines = [f"# make bench: {s['model']}, {s['started']}", "",
+             f"torch {s['torch']}, transformers {s['transformers']}, peft {s['peft']}; {s['torch_threads']} torch "
+             f"threads, {s['cpu_count']} CPUs, load average at start {', '.join(f'{x:.1f}' for x in s['load_average_at_start'])}. "
+             "Every figure is a ratio of two timings taken side by side in this process (higher is faster for "
+             "ours, except budgets); targets are the issue's.", ""]
+    for name, section in result["sections"].items():
+        lines += [f"## {name}", "", "| figure | ratio | target | met |", "| --- | ---: | --- | --- |"]
+        for r in section["ratios"]:
+            met = "" if r["met"] is None else ("met" if r["met"] else "not met")
+            lines.append(f"| {r['figure']} | {r['value']:.3g} | {r['target'] or ''} | {met} |")
+        if "agreement" in section:
+            checks = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in section["agreement"].items())
+            lines += ["", f"Agreement: {checks}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
+    add = parser.add_argument
+    add("--only", help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
+    add("--model", default=DEFAULT_MODEL, help=f"base model (default {DEFAULT_MODEL}; tiny-llama for a quick check)")
+    add("--out-dir", type=Path, default=DEFAULT_OUT, help="where bench.json and bench.md go")
+    add("--data-dir", default=None, help="the data mirror (default $LORACOMBENCH_DATA_DIR, else the hub)")
+    add("--seed", type=int, default=0, help="the row samples' seed")
+    add("--tolerance", type=float, default=1e-3, help="largest log-likelihood difference that still agrees")
+    add("--train-rows", type=positive_int, default=32, help="training rows per task (AG News and GSM8K)")
+    add("--train-batch-size", type=positive_int, default=8)
+    add("--matmul-size", type=positive_int, default=2048, help="side of the square fp32 matmul that sets the peak")
+    add("--score-rows", type=positive_int, default=48, help="AG News test articles scored")
+    add("--score-batch-size", type=positive_int, default=16)
+    add("--label-tokens", type=positive_int, default=4, help="new tokens when generating the AG News label")
+    add("--generate-rows", type=positive_int, default=16, help="GSM8K test prompts generated")
+    add("--generate-batch-size", type=positive_int, default=16)
+    add("--max-new-tokens", type=positive_int, default=128)
+    add("--adapters", type=positive_int, default=3, help="random adapters evaluated in the adapters section")
+    add("--adapter-rows", type=positive_int, default=32, help="AG News test articles each adapter scores")
+    add("--adapter-std", type=float, default=0.02, help="standard deviation of the random adapters' lora_B")
+    bench_merge.add_arguments(parser)
+    add("--run-log", type=Path, help="output of a finished `loracombench run` (its last line gives stage times)")
+    add("--cached-run-log", type=Path, help="output of the same run repeated with everything cached")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        names = select_sections(args.only)
+        for log in (args.run_log, args.cached_run_log):  # a bad log fails now, not after the other sections
+            if log is not None:
+                read_run_log(log)
+    except BenchError as err:
+        parser.error(str(err))
+    ctx = Context(args)
+    result = {"setup": setup(args), "sections": {}}
+    for name in names:
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
+        section, seconds = timed(lambda: SECTIONS[name](ctx))
+        result["sections"][name] = {**section, "section_seconds": round(seconds, 1)}
+        # Written after every section, so that a long bench cut short keeps what it measured.
+        io.write_json(args.out_dir / "bench.json", result)
+        io.write_text(args.out_dir / "bench.md", markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`make bench` (benchmarks/bench.py) on the tiny Llama: every section reports ratios, and what
+each side-by-side pair computes agrees (the same scores, generations and predictions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MIRROR, needs_mirror
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+TINY = ["--model", "tiny-llama", "--data-dir", str(MIRROR), "--train-rows", "4", "--train-batch-size", "2",
+        "--matmul-size", "128", "--score-rows", "4", "--score-batch-size", "4", "--label-tokens", "2",
+        "--generate-rows", "3", "--generate-batch-size", "2", "--max-new-tokens", "8", "--adapters", "2",
+        "--adapter-rows", "4", "--merge-repeats", "1", "--merge-layers", "1"]
+# The last line `loracombench run` prints: its stages add up to less than the total (the report).
+RUN_LOG = "[21:40:02] train ag_news: done\n[22:01:30] stages: train 310 s, compose 40 s, evaluate 900 s; total 1290 s\n"
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    (out / "run.log").write_text(RUN_LOG)
+    bench.main([*TINY, "--out-dir", str(out), "--run-log", str(out / "run.log")])
+    return json.loads((out / "bench.json").read_text()), out
+
+
+@needs_mirror
+def test_every_section_reports_ratios_with_their_targets(result):
+    payload, out = result
+    assert list(payload["sections"]) == list(bench.SECTIONS)
+    for name, section in payload["sections"].items():
+        assert section["ratios"], name
+        for figure in section["ratios"]:
+            assert math.isfinite(figure["value"]) and figure["value"] > 0, (name, figure)
+            assert (figure["met"] is None) == (figure["target"] is None), (name, figure)
+    markdown = (out / "bench.md").read_text()
+    assert all(f"## {name}" in markdown for name in bench.SECTIONS)
+
+
+@needs_mirror
+def test_side_by_side_computations_agree(result):
+    sections = result[0]["sections"]
+    scoring, generation, swaps = sections["scoring"]["agreement"], sections["generation"]["agreement"], \
+        sections["adapters"]["agreement"]
+    assert scoring["max_abs_logprob_diff"] < 1e-4 and scoring["same_prediction"] == scoring["rows"] == 4
+    assert generation["identical_outputs"] == generation["prompts"] == 3
+    assert swaps["adapters_with_same_predictions"] == swaps["adapters"] == 2
+    assert all(a["holds"] for a in (scoring, generation, swaps))
+
+
+@needs_mirror
+def test_training_counts_the_same_tokens_for_both_trainers(result):
+    training = result[0]["sections"]["training"]["measured"]
+    assert training["useful_tokens"] == sum(t["useful_tokens"] for t in training["per_task"].values())
+    assert 0 < training["useful_tokens"] < training["processed_tokens"]
+    ratio_of_rates = training["useful_tokens_per_s"]["ours"] / training["useful_tokens_per_s"]["hf_trainer_peft"]
+    assert ratio_of_rates == pytest.approx(result[0]["sections"]["training"]["ratios"][0]["value"], rel=1e-3)
+
+
+@needs_mirror
+def test_the_run_log_gives_each_stage_share_and_the_budget(result):
+    figures = {r["figure"]: r for r in result[0]["sections"]["run"]["ratios"]}
+    shares = [figures[f"{stage} ÷ total (share of the run's time)"]["value"] for stage in ("train", "compose", "evaluate")]
+    assert shares == pytest.approx([310 / 1290, 40 / 1290, 900 / 1290], abs=1e-4)
+    budget = figures["run time ÷ 20 minutes"]
+    assert budget["value"] == pytest.approx(1290 / 1200, abs=1e-4) and budget["met"] is False
+
+
+def test_bad_inputs_are_refused_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "scoring,nosuch"])
+    assert "unknown section(s) nosuch; valid: training, scoring" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "merge,merge"])
+    assert "named twice: merge" in capsys.readouterr().err
+    log = tmp_path / "unfinished.log"
+    log.write_text("[10:00:00] train ag_news\n")
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "run", "--run-log", str(log)])
+    assert f"{log}: no '[hh:mm:ss] stages:" in capsys.readouterr().err
