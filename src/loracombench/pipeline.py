@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from .compose.static_merge import StaticMerge
 from .config import ExperimentConfig, stable_hash
 from .data import load_sample, resolve_data_dir, validation_sample
 from .evaluation import EvalConfig, evaluate_composed
+from .executors import SerialExecutor
 from .models import check_device, load_model, pick_device
 from .tasks import get_task
 from .training import train_adapter
@@ -65,6 +67,7 @@ class Cell:
     folder: Path
     key: str
     compute: Callable[[], object]
+    gpu: bool = False  # runs the base model: an executor with GPUs gives it one
 
     def ensure(self) -> bool:
         """Compute unless the cached result is intact; True when it was computed now."""
@@ -87,14 +90,6 @@ class Cell:
         deciding = {name: digest for name, digest in files.items()
                     if name.endswith(".safetensors") or Path(name).name in (adapters.CONFIG_FILE, *artefacts)}
         return stable_hash({"cell": self.key, "files": deciding})
-
-
-class SerialExecutor:
-    """Runs cells one after another in this process (the default)."""
-
-    def run(self, cells: list[Cell]) -> None:
-        for cell in cells:
-            cell.ensure()
 
 
 @dataclass
@@ -131,10 +126,13 @@ class Experiment:
         self.current_results: list[Path] = []  # the eval folders this run's report shows
         self._shared: adapters.SharedBase | None = None
         self._rows: dict[tuple, list[dict]] = {}
+        self._token = uuid.uuid4().hex  # names this run's copies in other processes
 
-    def __getstate__(self):
-        """Cells travel to other processes (executors) without this process's model."""
-        return {**self.__dict__, "_shared": None}
+    def __reduce__(self):
+        """Cells travel to other processes (executors) without this process's model; every cell
+        carries its own copy, and the copies of one run that reach a process become one
+        Experiment there, so that a worker loads the base once for all the cells it runs."""
+        return _arrived_experiment, ({**self.__dict__, "_shared": None},)
 
     # ------------------------------------------------------------ data and base model
 
@@ -205,7 +203,7 @@ class Experiment:
                                      dtype=self.config.dtype)
             log(f"train {task}: final loss {meta['final_loss']:.3f}")
 
-        return Cell(f"train {task} (seed {seed})", folder, key, compute)
+        return Cell(f"train {task} (seed {seed})", folder, key, compute, gpu=True)
 
     def expert_entry(self, task: str, cell: Cell, seed: int) -> ModelEntry:
         return ModelEntry(f"expert_{task}_seed{seed}", f"{task} expert", "expert", cell.output_key(),
@@ -247,7 +245,8 @@ class Experiment:
                     "build_s": round(time.time() - started, 2), "metadata": metadata})
             shutil.rmtree(scratch, ignore_errors=True)
 
-        return Cell(f"{'merge' if static else 'compose'} {name} (seed {seed})", folder, key, compute)
+        return Cell(f"{'merge' if static else 'compose'} {name} (seed {seed})", folder, key, compute,
+                    gpu=needs.base_forward or needs.gradients)
 
     def composition_entry(self, name: str, composition: Composition, cell: Cell, seed: int) -> ModelEntry:
         recorded = io.read_json(cell.folder / COMPOSITION_FILE)
@@ -280,7 +279,7 @@ class Experiment:
             primary = record["metrics"][record["primary_metric"]]
             log(f"eval {entry.slug} on {task}: {record['primary_metric']} = {primary['value']:.3f}")
 
-        return Cell(f"eval {entry.slug} on {task}", folder, key, compute)
+        return Cell(f"eval {entry.slug} on {task}", folder, key, compute, gpu=True)
 
     def baseline_cells(self) -> list[Cell]:
         from .baselines import baseline_names, evaluate_baselines
@@ -353,6 +352,20 @@ class Experiment:
         started = time.time()
         self.executor.run(cells)
         return time.time() - started
+
+
+# The Experiment that arrived in this process last (see Experiment.__reduce__): one run at a time.
+_ARRIVED: dict[str, Experiment] = {}
+
+
+def _arrived_experiment(state: dict) -> Experiment:
+    held = _ARRIVED.get(state["_token"])
+    if held is None:
+        held = Experiment.__new__(Experiment)
+        held.__dict__.update(state)
+        _ARRIVED.clear()
+        _ARRIVED[state["_token"]] = held
+    return held
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True,
