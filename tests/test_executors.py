@@ -54,7 +54,7 @@ def eval_results(run) -> dict:
 
 
 def weights(run) -> dict:
-    return {str(path.relative_to(run)): load_file(path) for path in sorted(run.glob("*/seed0/*/*.safetensors"))}
+    return {str(path.relative_to(run)): load_file(path) for path in sorted(run.glob("*/seed0/**/*.safetensors"))}
 
 
 def test_a_run_on_local_ray_equals_the_serial_run(tmp_path, small_mirror, local_ray, capsys):
@@ -69,7 +69,7 @@ def test_a_run_on_local_ray_equals_the_serial_run(tmp_path, small_mirror, local_
     for name in serial:
         assert serial[name] == spread[name], name
     expected, found = (weights(run) for run in runs.values())
-    assert {"adapters/seed0/ag_news/adapter_model.safetensors", "merges/seed0/average/adapter_model.safetensors"} \
+    assert {"adapters/seed0/ag_news/adapter_model.safetensors", "merges/seed0/average/adapter/adapter_model.safetensors"} \
         <= expected.keys() == found.keys()
     for name, tensors in expected.items():
         assert tensors.keys() == found[name].keys()
