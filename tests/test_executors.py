@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import signal
 import sys
 
 import pytest
@@ -39,9 +40,11 @@ def test_ray_executor_without_ray_names_the_extra_and_writes_nothing(tmp_path, s
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it and shutdown leaves its own
     ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 def eval_results(run) -> dict:
