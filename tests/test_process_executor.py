@@ -6,7 +6,8 @@ import pytest
 
 from loracombench import io
 from loracombench.config import ExperimentConfig
-from loracombench.pipeline import ProcessExecutor, run_experiment
+from loracombench.executors import ProcessExecutor
+from loracombench.pipeline import run_experiment
 
 SMOKE = {
     "name": "t", "model": "tiny-llama", "n_train": {"ag_news": 8, "gsm8k": 4},

@@ -237,9 +237,11 @@ def cmd_diagnose(args) -> int:
 
 def cmd_run(args) -> int:
     from .config import load_config
+    from .executors import make_executor
     from .outputs import check_out
-    from .pipeline import ProcessExecutor, run_experiment
+    from .pipeline import run_experiment
 
+    executor = make_executor(args.executor, args.ray_address, args.workers)
     overrides = {}
     if args.data_dir:
         overrides["data_dir"] = str(args.data_dir)
@@ -248,8 +250,13 @@ def cmd_run(args) -> int:
     config = load_config(args.config, overrides)
     out = check_out(args.out or Path("runs") / config.name, "run",
                     inputs={"data_dir": _data_input(config.data_dir), "model": _local_path(config.model)})
-    executor = ProcessExecutor(args.workers) if args.workers > 1 else None
-    run_dir = run_experiment(config, out, trust_remote_code=args.trust_remote_code, executor=executor)
+    if args.executor == "ray":  # workers started elsewhere find the files by absolute paths only
+        out = out.absolute()
+        data = _data_input(config.data_dir)
+        if data:
+            config = config.model_copy(update={"data_dir": str(data.absolute())})
+    with contextlib.closing(executor):
+        run_dir = run_experiment(config, out, trust_remote_code=args.trust_remote_code, executor=executor)
     print()
     print((run_dir / "results.md").read_text())
     print(f"results: {run_dir / 'results.csv'}, {run_dir / 'results.md'}; plot: {run_dir / 'results.png'}")
@@ -338,6 +345,7 @@ def add_out_args(parser, help: str, required: bool = False, default=None) -> Non
 def build_parser() -> argparse.ArgumentParser:
     from .cli_analysis import add_parsers as add_analysis_parsers
     from .evaluation import EvalConfig
+    from .executors import EXECUTORS, RAY_EXTRA
 
     parser = OneLineParser(prog="loracombench", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,6 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each stage's cells in this many local processes, sharing the CPU threads "
                         "(default 1: every cell in this process). Numbers match a 1-worker run up to "
                         "floating-point summation order")
+    p.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="serial: one cell after another in this process; ray: each stage's cells as Ray tasks "
+                        f"(optional extra: {RAY_EXTRA}). Every Ray worker writes the run folder itself, so all "
+                        "machines must see it at the same path (a shared filesystem); the lock stays here")
+    p.add_argument("--ray-address", default=None,
+                   help="with --executor ray: an existing cluster (\"auto\", \"ray://host:10001\"); "
+                        "default: start a local Ray on this machine. A cell that runs the model gets one GPU "
+                        "when the cluster has GPUs")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="choose each task's learning rate on validation data (never test)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +27,7 @@ from .compose.static_merge import StaticMerge
 from .config import ExperimentConfig, stable_hash
 from .data import load_sample, resolve_data_dir, validation_sample
 from .evaluation import EvalConfig, evaluate_composed
+from .executors import SerialExecutor
 from .models import check_device, load_model, pick_device
 from .tasks import get_task
 from .training import train_adapter
@@ -65,6 +67,7 @@ class Cell:
     folder: Path
     key: str
     compute: Callable[[], object]
+    gpu: bool = False  # runs the base model: an executor with GPUs gives it one
 
     def ensure(self) -> bool:
         """Compute unless the cached result is intact; True when it was computed now."""
@@ -87,69 +90,6 @@ class Cell:
         deciding = {name: digest for name, digest in files.items()
                     if name.endswith(".safetensors") or Path(name).name in (adapters.CONFIG_FILE, *artefacts)}
         return stable_hash({"cell": self.key, "files": deciding})
-
-
-class SerialExecutor:
-    """Runs cells one after another in this process (the default)."""
-
-    def run(self, cells: list[Cell]) -> None:
-        for cell in cells:
-            cell.ensure()
-
-    def close(self) -> None:
-        pass
-
-
-def _worker_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def _ensure(pickled: bytes) -> bool:
-    import cloudpickle
-
-    return cloudpickle.loads(pickled).ensure()
-
-
-class ProcessExecutor:
-    """Runs each stage's cells in `workers` processes on this machine, each with its share of the
-    CPU threads. On a small CPU two single-threaded processes do more than one process with two
-    threads: the many small, memory-bound operations of a 135M model (rotary embeddings, norms,
-    a training step's autograd bookkeeping) do not split well over threads (`make bench`).
-    Workers live for the whole run and keep their base model between cells; numbers match a
-    serial run's up to floating-point summation order (the thread count changes it)."""
-
-    def __init__(self, workers: int = 2, threads_per_worker: int | None = None):
-        import os
-
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.workers = workers
-        self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
-        self._pool = None
-
-    def run(self, cells: list[Cell]) -> None:
-        import multiprocessing
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
-                                             initializer=_worker_threads, initargs=(self.threads,))
-        import cloudpickle  # cells carry closures over the run, which the standard pickle refuses
-
-        futures = {self._pool.submit(_ensure, cloudpickle.dumps(cell)): cell for cell in cells}
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None:
-                for other in pending:
-                    other.cancel()
-                raise RuntimeError(f"{futures[future].what} failed: {future.exception()}") from future.exception()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
 
 
 # The process's loaded base models, by (model, device, trust_remote_code): one load per process.
@@ -189,10 +129,13 @@ class Experiment:
         self.data_source = str(self.data_dir.resolve()) if self.data_dir else "hub"
         self.current_results: list[Path] = []  # the eval folders this run's report shows
         self._rows: dict[tuple, list[dict]] = {}
+        self._token = uuid.uuid4().hex  # names this run's copies in other processes
 
-    def __getstate__(self):
-        """Cells travel to an executor's workers with the run, but not with the executor."""
-        return {**self.__dict__, "executor": None}
+    def __reduce__(self):
+        """Cells travel to other processes (executors) without this process's model; every cell
+        carries its own copy, and the copies of one run that reach a process become one
+        Experiment there, so that a worker loads the base once for all the cells it runs."""
+        return _arrived_experiment, ({**self.__dict__, "executor": None},)
 
     # ------------------------------------------------------------ data and base model
 
@@ -265,7 +208,7 @@ class Experiment:
                                      dtype=self.config.dtype)
             log(f"train {task}: final loss {meta['final_loss']:.3f}")
 
-        return Cell(f"train {task} (seed {seed})", folder, key, compute)
+        return Cell(f"train {task} (seed {seed})", folder, key, compute, gpu=True)
 
     def expert_entry(self, task: str, cell: Cell, seed: int) -> ModelEntry:
         return ModelEntry(f"expert_{task}_seed{seed}", f"{task} expert", "expert", cell.output_key(),
@@ -307,7 +250,8 @@ class Experiment:
                     "build_s": round(time.time() - started, 2), "metadata": metadata})
             shutil.rmtree(scratch, ignore_errors=True)
 
-        return Cell(f"{'merge' if static else 'compose'} {name} (seed {seed})", folder, key, compute)
+        return Cell(f"{'merge' if static else 'compose'} {name} (seed {seed})", folder, key, compute,
+                    gpu=needs.base_forward or needs.gradients)
 
     def composition_entry(self, name: str, composition: Composition, cell: Cell, seed: int) -> ModelEntry:
         recorded = io.read_json(cell.folder / COMPOSITION_FILE)
@@ -340,7 +284,7 @@ class Experiment:
             primary = record["metrics"][record["primary_metric"]]
             log(f"eval {entry.slug} on {task}: {record['primary_metric']} = {primary['value']:.3f}")
 
-        return Cell(f"eval {entry.slug} on {task}", folder, key, compute)
+        return Cell(f"eval {entry.slug} on {task}", folder, key, compute, gpu=True)
 
     def baseline_cells(self) -> list[Cell]:
         from .baselines import baseline_names, evaluate_baselines
@@ -413,6 +357,20 @@ class Experiment:
         started = time.time()
         self.executor.run(cells)
         return time.time() - started
+
+
+# The Experiment that arrived in this process last (see Experiment.__reduce__): one run at a time.
+_ARRIVED: dict[str, Experiment] = {}
+
+
+def _arrived_experiment(state: dict) -> Experiment:
+    held = _ARRIVED.get(state["_token"])
+    if held is None:
+        held = Experiment.__new__(Experiment)
+        held.__dict__.update(state)
+        _ARRIVED.clear()
+        _ARRIVED[state["_token"]] = held
+    return held
 
 
 def run_experiment(config: ExperimentConfig, out_dir: str | Path, progress: bool = True,

@@ -1,0 +1,91 @@
+"""Executors: a run's cells spread over Ray workers give the serial run's results."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from loracombench.cli import main
+from loracombench.config import ExperimentConfig
+from loracombench.pipeline import Cell, Experiment
+from test_pipeline_and_cli import SMOKE, write_config
+
+
+def test_copies_of_one_run_arriving_in_a_process_are_one_experiment_without_the_model(tmp_path, small_mirror):
+    experiment = Experiment(ExperimentConfig(**{**SMOKE, "data_dir": str(small_mirror)}), tmp_path / "run")
+    experiment._shared = "the loaded base"  # stands for this process's model, which never travels
+    first, second = (pickle.loads(pickle.dumps(experiment)) for _ in range(2))
+    assert first is second and first is not experiment
+    assert first._shared is None and first.config == experiment.config and first.out == experiment.out
+    other = Experiment(experiment.config, tmp_path / "run")
+    assert pickle.loads(pickle.dumps(other)) is not first
+
+
+def test_ray_executor_without_ray_names_the_extra_and_writes_nothing(tmp_path, small_mirror, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(write_config(tmp_path)), "--data-dir", str(small_mirror), "--out", str(out)]
+    assert main([*argv, "--executor", "ray"]) == 2
+    assert "pip install 'loracombench[ray]'" in capsys.readouterr().err
+    assert main([*argv, "--ray-address", "auto"]) == 2
+    assert "--ray-address is for --executor ray" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it and shutdown leaves its own
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+    signal.signal(signal.SIGTERM, sigterm)
+
+
+def eval_results(run) -> dict:
+    results = {}
+    for folder in sorted((run / "eval").glob("*/*")):
+        name = str(folder.relative_to(run))
+        results[name] = (json.loads((folder / "metrics.json").read_text())["metrics"],
+                         (folder / "predictions.jsonl").read_bytes())
+    return results
+
+
+def weights(run) -> dict:
+    return {str(path.relative_to(run)): load_file(path) for path in sorted(run.glob("*/seed0/**/*.safetensors"))}
+
+
+def test_a_run_on_local_ray_equals_the_serial_run(tmp_path, small_mirror, local_ray, capsys):
+    config = write_config(tmp_path)
+    runs = {name: tmp_path / name for name in ("serial", "ray")}
+    for name, out in runs.items():
+        argv = ["run", "--config", str(config), "--data-dir", str(small_mirror), "--out", str(out)]
+        assert main([*argv, "--executor", name]) == 0
+    capsys.readouterr()
+    serial, spread = (eval_results(run) for run in runs.values())
+    assert len(serial) == 4 * 2 and serial.keys() == spread.keys()
+    for name in serial:
+        assert serial[name] == spread[name], name
+    expected, found = (weights(run) for run in runs.values())
+    assert {"adapters/seed0/ag_news/adapter_model.safetensors", "merges/seed0/average/adapter/adapter_model.safetensors"} \
+        <= expected.keys() == found.keys()
+    for name, tensors in expected.items():
+        assert tensors.keys() == found[name].keys()
+        assert all(tensors[module].equal(found[name][module]) for module in tensors), name
+
+
+def test_a_failing_cell_stops_the_stage_with_its_name(tmp_path, local_ray):
+    from loracombench.executors import RayExecutor
+
+    def fail():
+        raise ValueError("no such adapter")
+
+    cell = Cell("train broken (seed 0)", tmp_path / "broken", "key", fail)
+    with pytest.raises(RuntimeError, match=r"^train broken \(seed 0\): ValueError: no such adapter"):
+        RayExecutor().run([cell])
+    assert not (tmp_path / "broken").exists()
