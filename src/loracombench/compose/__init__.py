@@ -12,6 +12,7 @@ from .lorahub import LoraHub
 from .multitask import Multitask
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
+from .weight_sweep import WeightSweep
 
 COMPOSITIONS: dict[str, type[Composition]] = {}
 
@@ -38,6 +39,7 @@ register(ClassifierRouting)
 register(ArrowRouting)
 register(LoraHub)
 register(Multitask)
+register(WeightSweep)
 
 __all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
            "get_composition", "register"]
