@@ -14,7 +14,7 @@ from test_lorahub import VALIDATION, logits
 from loracombench import adapters
 from loracombench.compose import BuildInputs, OneModel, get_composition
 from loracombench.config import TrainSettings
-from loracombench.compose.weight_sweep import (DIRECT, PLOT_FILE, SWEEP_FILE, FoldedWeights, WeightSweepError,
+from loracombench.compose.weight_sweep import (DEFAULT_GRIDS, DIRECT, PLOT_FILE, SWEEP_FILE, FoldedWeights, WeightSweepError,
                                                choose, grid_points, grid_rank, merged_factors, pareto_front,
                                                plot_pareto, reference_role, score_composed, score_model)
 from loracombench.evaluation import SCORERS, EvalConfig, evaluate_composed
@@ -143,7 +143,7 @@ def test_bad_parameters_give_one_clear_error(params, message):
 
 def test_defaults_need_validation_rows_and_forward_passes():
     sweep = get_composition("weight_sweep", {"method": "ties", "density": 0.3})
-    assert sweep.params["axes"] == {"lam": [0.5, 1.0, 1.5, 2.0]}  # a fixed parameter is no axis
+    assert sweep.params["axes"] == {"lam": DEFAULT_GRIDS["ties"]["lam"]}  # a fixed parameter is no axis
     needs = get_composition("weight_sweep", {"method": "task_arithmetic", "n_validation": 7}).needs()
     assert (needs.validation_per_task, needs.base_forward, needs.gradients) == (7, True, False)
     assert get_composition("weight_sweep", {"method": "task_arithmetic"}).needs().validation_per_task == 50
@@ -304,3 +304,25 @@ def test_wrong_arity_or_missing_rows_fail_before_the_base_is_borrowed(experts, t
         sweep.build(BuildInputs(experts=experts, seed=0, validation={"ag_news": VALIDATION["ag_news"]}), tmp_path)
     with pytest.raises(WeightSweepError, match="borrow_base is None"):
         sweep.build(BuildInputs(experts=experts, seed=0, validation=VALIDATION), tmp_path)
+
+
+def test_a_run_builds_the_sweep_from_its_validation_rows_and_evaluates_the_choice(tmp_path, small_mirror):
+    import yaml
+    from test_pipeline_and_cli import SMOKE
+
+    from loracombench.cli import main
+
+    sweep = {"method": "weight_sweep", "label": "ta_sweep",
+             "params": {"method": "task_arithmetic", "weights": [0.0, 1.0], "n_validation": 4}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**SMOKE, "merges": [], "compositions": [sweep],
+                                      "eval": {**SMOKE["eval"], "n_generate": 0}}))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
+    built = out / "compositions" / "seed0" / "ta_sweep"
+    recorded = json.loads((built / SWEEP_FILE).read_text())
+    assert len(recorded["points"]) == 4 and recorded["n_validation"] == {"ag_news": 4, "gsm8k": 2}
+    composition = json.loads((built / "composition.json").read_text())
+    assert composition["needs_summary"] == "4 val/task, forward passes"
+    for task in ("ag_news", "gsm8k"):
+        assert (out / "eval" / "compose_ta_sweep_seed0" / task / "metrics.json").is_file()
