@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "anything else must be new or empty. Sample sizes larger than a split are an error")
     p.add_argument("--workers", type=count(1), default=1,
                    help="run each stage's cells in this many local processes, sharing the CPU threads "
-                        "(default 1: every cell in this process). Numbers match a 1-worker run up to "
-                        "floating-point summation order")
+                        "(default 1: every cell in this process; on 2 cores more workers were slower). "
+                        "Numbers match a 1-worker run up to floating-point summation order")
     p.add_argument("--executor", choices=EXECUTORS, default="serial",
                    help="serial: one cell after another in this process; ray: each stage's cells as Ray tasks "
                         f"(optional extra: {RAY_EXTRA}). Every Ray worker writes the run folder itself, so all "

@@ -13,6 +13,7 @@ from .lora_soups import LoraSoups
 from .multitask import Multitask
 from .oracle import OracleRouting
 from .static_merge import StaticMerge
+from .weight_sweep import WeightSweep
 
 COMPOSITIONS: dict[str, type[Composition]] = {}
 
@@ -40,6 +41,7 @@ register(ArrowRouting)
 register(LoraHub)
 register(Multitask)
 register(LoraSoups)
+register(WeightSweep)
 
 __all__ = ["COMPOSITIONS", "BuildInputs", "Composed", "Composition", "Needs", "OneModel", "RoutedAdapters",
            "get_composition", "register"]
