@@ -12,16 +12,21 @@ from safetensors.torch import load_file
 
 from loracombench.cli import main
 from loracombench.config import ExperimentConfig
+from loracombench import adapters
 from loracombench.pipeline import Cell, Experiment
 from test_pipeline_and_cli import SMOKE, write_config
 
 
 def test_copies_of_one_run_arriving_in_a_process_are_one_experiment_without_the_model(tmp_path, small_mirror):
-    experiment = Experiment(ExperimentConfig(**{**SMOKE, "data_dir": str(small_mirror)}), tmp_path / "run")
-    experiment._shared = "the loaded base"  # stands for this process's model, which never travels
+    from loracombench.executors import ProcessExecutor
+
+    experiment = Experiment(ExperimentConfig(**{**SMOKE, "data_dir": str(small_mirror)}), tmp_path / "run",
+                            executor=ProcessExecutor(2))
+    experiment.shared  # this process's model lives beside the run (pipeline._SHARED_BASES), never in it
     first, second = (pickle.loads(pickle.dumps(experiment)) for _ in range(2))
     assert first is second and first is not experiment
-    assert first._shared is None and first.config == experiment.config and first.out == experiment.out
+    assert first.executor is None and first.config == experiment.config and first.out == experiment.out
+    assert not any(isinstance(value, adapters.SharedBase) for value in vars(first).values())
     other = Experiment(experiment.config, tmp_path / "run")
     assert pickle.loads(pickle.dumps(other)) is not first
 
