@@ -28,7 +28,8 @@ def test_notebook_executes(monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # The "python3" kernelspec runs "python", which jupyter_client maps to this interpreter.
-    client = NotebookClient(nb, kernel_name="python3", timeout=120,
+    # A guard against a hung kernel, not a speed check: a loaded 2-core machine needs minutes per cell.
+    client = NotebookClient(nb, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     client.execute()
     images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
