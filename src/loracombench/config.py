@@ -78,33 +78,29 @@ class EvalSettings(Strict):
     generate_batch_size: int = Field(32, ge=1)
 
 
-class MergeSpec(Strict):
+class Labelled(Strict):
+    """A method with parameters; its name is the label, else the method and its parameters."""
+
     method: str
     label: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        suffix = "".join(f"_{k}{v}" for k, v in sorted(self.params.items()))
+        return f"{self.method}{suffix}"
+
+
+class MergeSpec(Labelled):
     weights: list[float] | None = None
     params: dict[str, float | int | str | bool] = Field(default_factory=dict)
 
-    @property
-    def name(self) -> str:
-        if self.label:
-            return self.label
-        suffix = "".join(f"_{k}{v}" for k, v in sorted(self.params.items()))
-        return f"{self.method}{suffix}"
 
-
-class CompositionSpec(Strict):
+class CompositionSpec(Labelled):
     """A composition other than a static merge (compose/: routers, weight searches, ...)."""
 
-    method: str
-    label: str | None = None
     params: dict[str, float | int | str | bool | list[float]] = Field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        if self.label:
-            return self.label
-        suffix = "".join(f"_{k}{v}" for k, v in sorted(self.params.items()))
-        return f"{self.method}{suffix}"
 
 
 class ExperimentConfig(Strict):
