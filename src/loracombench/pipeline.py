@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import adapters, cache, io, metrics
-from .compose import BuildInputs, Composed, Composition, Needs, OneModel, get_composition
+from .compose import BuildInputs, Composed, Composition, OneModel, get_composition
 from .compose.static_merge import StaticMerge
 from .config import ExperimentConfig, stable_hash
 from .data import load_sample, resolve_data_dir, validation_sample
