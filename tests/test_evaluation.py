@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loracombench import metrics
-from loracombench.evaluation import EvalConfig, continuation_logprobs, cut_at_stop, encode, evaluate
+from loracombench.evaluation import (MIN_SHARED_PREFIX, EvalConfig, continuation_logprobs, cut_at_stop, encode,
+                                     evaluate, shared_prefix)
 from loracombench.tasks import get_task
 
 
@@ -27,6 +28,40 @@ def test_batched_left_padded_scoring_equals_one_at_a_time(tiny_gpt2):
     batched = continuation_logprobs(model, tok, requests, batch_size=3)
     expected = [reference_logprob(model, c, t) for c, t in requests]
     assert batched == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_a_shared_prompt_prefix_is_run_once_and_scores_as_whole_sequences(name):
+    from loracombench.models import load_model
+
+    loaded = load_model(name)
+    model, tok = loaded.model, loaded.tokenizer
+    task = get_task("ag_news")
+    rows = [{"text": "Short one", "label": 0}, {"text": "A much longer article about markets " * 4, "label": 2},
+            {"text": "Stocks fell", "label": 2}]
+    requests = [(encode(tok, task.prompt(r)), encode(tok, " " + c)) for r in rows for c in task.choices(r)]
+    prefix = shared_prefix([context for context, _ in requests])
+    assert len(prefix) >= MIN_SHARED_PREFIX and prefix == requests[0][0][: len(prefix)]
+    fed = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        shared = continuation_logprobs(model, tok, requests, batch_size=2)
+    finally:
+        hook.remove()
+    expected = [reference_logprob(model, c, t) for c, t in requests]
+    assert shared == pytest.approx(expected, abs=1e-4)
+    assert shared == pytest.approx(continuation_logprobs(model, tok, requests, batch_size=2, share_prefix=False),
+                                   abs=1e-4)
+    assert fed[0] == (1, len(prefix))  # the prefix alone, once; then rows without it
+    assert all(width == max(len(c) + len(t) for c, t in requests) - len(prefix) for _, width in fed[1:2])
+
+
+def test_no_prefix_is_shared_when_contexts_differ_early_or_it_would_swallow_a_context():
+    assert shared_prefix([[1, 2, 3], [1, 2, 4]]) == []  # below MIN_SHARED_PREFIX
+    long = list(range(20))
+    assert shared_prefix([long + [7], long + [8]]) == long
+    assert shared_prefix([long, long + [5, 6]]) == long[:-1]  # a context's last token stays in its row
 
 
 def test_acc_and_acc_norm_equal_a_hand_computation(tiny_gpt2, tmp_path):

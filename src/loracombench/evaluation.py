@@ -4,6 +4,7 @@ compares its own answers (Task.score_output); this module only decodes and aggre
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,23 +65,36 @@ def _carriers(requests: list[tuple[list[int], list[int]]]) -> list[tuple[list[in
     return carriers
 
 
+# A shared context prefix shorter than this is recomputed with every row: the cached pass and
+# the per-batch cache copy cost more than they save.
+MIN_SHARED_PREFIX = 8
+
+
 @torch.inference_mode()
 def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list[int]]],
                           batch_size: int = 16, desc: str = "score", progress: bool = False,
-                          dtype: str = "auto") -> list[float]:
+                          dtype: str = "auto", share_prefix: bool = True) -> list[float]:
     """Sum of log p(continuation | context) per (context_ids, continuation_ids) request.
 
     Left padding puts every continuation at the end of its row, so only the last positions'
-    logits are computed (logits_to_keep), which skips most of the vocabulary projection."""
+    logits are computed (logits_to_keep), which skips most of the vocabulary projection. When
+    every context starts with the same tokens (AG News's instruction, a few-shot preamble),
+    those are run once and their key/value cache is reused by every row (share_prefix)."""
     if any(not cont for _, cont in requests):
         raise ValueError("every continuation needs at least one token")
     device = model_device(model)
     carriers = sorted(_carriers(requests), key=lambda c: -len(c[0]) - len(c[1]))
+    prefix = shared_prefix([context for context, _, _ in carriers]) if share_prefix else []
+    with autocast(device, dtype):
+        prefix_cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True).cache \
+            if prefix else None
     scores = [0.0] * len(requests)
     for start in tqdm(range(0, len(carriers), batch_size), desc=desc, disable=not progress):
         chunk = carriers[start: start + batch_size]
         longest = max(len(cont) for _, cont, _ in chunk)
-        batch = left_pad([ctx + cont for ctx, cont, _ in chunk], tokenizer.pad_token_id, device)
+        batch = left_pad([ctx[len(prefix):] + cont for ctx, cont, _ in chunk], tokenizer.pad_token_id, device)
+        if prefix:
+            batch = after_prefix(batch, prefix_cache, len(prefix))
         with autocast(device, dtype):
             logits = model(**batch, logits_to_keep=longest + 1).logits.float()
         for row, (_, carried, members) in enumerate(chunk):
@@ -91,6 +105,30 @@ def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list
                 cont = torch.tensor(requests[i][1], device=device)
                 scores[i] = logprobs[: len(cont)].gather(1, cont[:, None]).sum().item()
     return scores
+
+
+def shared_prefix(contexts: list[list[int]]) -> list[int]:
+    """The tokens every context starts with, short of each context's last token (its logits
+    predict the continuation, so it must be computed in the row); [] below MIN_SHARED_PREFIX."""
+    limit = min(len(c) for c in contexts) - 1
+    first = contexts[0]
+    length = 0
+    while length < limit and all(c[length] == first[length] for c in contexts):
+        length += 1
+    return first[:length] if length >= MIN_SHARED_PREFIX else []
+
+
+def after_prefix(batch: dict[str, torch.Tensor], prefix_cache, prefix_length: int) -> dict:
+    """A left-padded batch continued from a cached prefix: the prefix is attended by every row,
+    the padding between it and each row is masked, and positions count on from the prefix, so
+    each row is computed as its whole sequence alone would be."""
+    rows = batch["input_ids"].shape[0]
+    cache = copy.deepcopy(prefix_cache)  # the forward pass appends to the cache it is given
+    cache.batch_repeat_interleave(rows)
+    seen = torch.ones(rows, prefix_length, dtype=batch["attention_mask"].dtype, device=batch["input_ids"].device)
+    return {"input_ids": batch["input_ids"], "cache": cache,
+            "attention_mask": torch.cat([seen, batch["attention_mask"]], dim=1),
+            "position_ids": batch["position_ids"] + prefix_length}
 
 
 def encode(tokenizer, text: str) -> list[int]:
