@@ -549,7 +549,8 @@ def plot_pareto(sweep: dict | str | Path, path: str | Path, others: dict[str, di
     coords = lambda m: (m[x_task], m[y_task])  # noqa: E731
     points = sweep["points"]
     xs, ys = zip(*(coords(p["metrics"]) for p in points))
-    fig, ax = plt.subplots(figsize=(7.0, 5.2))
+    # With other models marked the legend is long: beside the axes, not over the points.
+    fig, ax = plt.subplots(figsize=(9.5 if others else 7.0, 5.2))
     ax.scatter(xs, ys, s=18, color="#9a9a9a", label=f"grid ({len(points)} points)", zorder=2)
     directions = [sweep["metrics"][t]["higher_is_better"] for t in (x_task, y_task)]
     front = sorted(pareto_front(list(zip(xs, ys)), directions), key=lambda i: xs[i])
@@ -572,7 +573,7 @@ def plot_pareto(sweep: dict | str | Path, path: str | Path, others: dict[str, di
         axis(f"{task} validation {metric['name']} ({better} is better, n = {sweep['n_validation'][task]})")
     ax.set_title(f"{sweep['method']} weight sweep on validation data")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if others else {"loc": "best"}))
     fig.tight_layout()
     with io.atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
