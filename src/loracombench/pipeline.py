@@ -1,4 +1,5 @@
-"""Run an experiment as cached, resumable cells: train -> compose -> evaluate -> report.
+"""Run an experiment as cached, resumable cells: train -> compose -> place -> evaluate -> report
+(place: every other composed model scored on each weight sweep's validation rows).
 
 Every piece of work is a `Cell`: a key that hashes everything it depends on (settings, inputs,
 the task's prompt and scoring code, package and library versions), a folder, and the function
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import adapters, cache, io, metrics
-from .compose import BuildInputs, Composed, Composition, OneModel, get_composition
+from .compose import BuildInputs, Composed, Composition, OneModel, get_composition, weight_sweep
 from .compose.static_merge import StaticMerge
 from .config import ExperimentConfig, stable_hash
 from .data import load_sample, resolve_data_dir, validation_sample
@@ -263,6 +264,44 @@ class Experiment:
                           error or None,
                           recorded["needs_summary"])
 
+    def place_cell(self, sweep: Cell, sweep_composition: Composition, name: str, entry: ModelEntry,
+                   fingerprint: dict, seed: int) -> Cell:
+        """One composed model scored on a weight sweep's validation rows and ranked in its grid, so
+        that routers, LoraHub, LoRA Soups and the merges are placed on the sweep's plot (issue 8)."""
+        deciding = (*sweep_composition.artefacts, weight_sweep.SWEEP_FILE, weight_sweep.VALIDATION_FILE)
+        key = cell_key({"sweep": sweep.output_key(deciding), "model": entry.key, "base": fingerprint,
+                        "precision": self.precision, "scoring": SCORING,
+                        "task_versions": {task: get_task(task).fingerprint() for task in self.config.tasks}})
+        folder = sweep.folder / weight_sweep.PLACED_DIR / name
+
+        def compute():
+            placement = weight_sweep.place(entry.load(), self.shared, sweep.folder, entry.label)
+            io.write_json(folder / weight_sweep.PLACEMENT_FILE, {**placement, "kind": entry.kind, "cell_key": key})
+            log(f"place {name} in {sweep.folder.name}: grid rank {placement['grid_rank']:.2f}")
+
+        return Cell(f"place {name} in {sweep.folder.name} (seed {seed})", folder, key, compute, gpu=True)
+
+    def placements(self, built: list[tuple[str, Composition, Cell]], entries: dict[str, ModelEntry],
+                   fingerprint: dict, seed: int) -> dict[Path, list[Cell]]:
+        """For each weight sweep of the seed, a placement cell per other composed model (the
+        experts and the base are the sweep's own references already)."""
+        sweeps = [(composition, cell) for _, composition, cell in built
+                  if isinstance(composition, weight_sweep.WeightSweep)]
+        others = [name for name, composition, _ in built if not isinstance(composition, weight_sweep.WeightSweep)]
+        if not others:
+            return {}
+        return {cell.folder: [self.place_cell(cell, composition, name, entries[name], fingerprint, seed)
+                              for name in others] for composition, cell in sweeps}
+
+    @staticmethod
+    def summarise_placements(placements: dict[Path, list[Cell]]) -> None:
+        """Each sweep's placed.json and pareto_all.png, from its placement cells' files."""
+        for sweep_folder, cells in placements.items():
+            placed = weight_sweep.write_placements(
+                sweep_folder, [io.read_json(cell.folder / weight_sweep.PLACEMENT_FILE) for cell in cells])
+            log(f"placed {len(cells)} model(s) in the {sweep_folder.name} grid: {placed} and "
+                f"{sweep_folder / weight_sweep.PLOT_ALL_FILE}")
+
     def eval_config(self, task: str) -> EvalConfig:
         settings = self.config.eval
         return EvalConfig(n_eval=settings.n_eval[task], n_generate=settings.n_generate,
@@ -341,8 +380,14 @@ class Experiment:
             built = [(name, composition, self.composition_cell(name, composition, experts, fingerprint, seed))
                      for name, composition in self.compositions()]
             stages["compose"] = stages.get("compose", 0) + self._timed([cell for _, _, cell in built])
-            models += list(experts.values()) + [self.composition_entry(name, composition, cell, seed)
-                                                for name, composition, cell in built]
+            composed = {name: self.composition_entry(name, composition, cell, seed)
+                        for name, composition, cell in built}
+            models += list(experts.values()) + list(composed.values())
+            placements = self.placements(built, composed, fingerprint, seed)
+            if placements:
+                stages["place"] = stages.get("place", 0) + self._timed([c for cells in placements.values()
+                                                                        for c in cells])
+                self.summarise_placements(placements)
         stages["evaluate"] = self._timed([self.eval_cell(entry, task, fingerprint)
                                           for entry in models for task in self.config.tasks])
         if self.config.baselines:

@@ -31,6 +31,11 @@ computes it), so a point scores on validation as its saved adapter scores under
 SharedBase.with_adapter; nothing is written per point. Outputs: the chosen adapter, sweep.json
 (every point: parameters, validation metrics, retentions, Pareto membership), validation.json
 (the rows, so other models can be placed on the same plot: score_composed) and pareto.png.
+
+Other models are placed after the build (the pipeline's place stage): each is scored on the same
+validation rows and ranked within the grid (place: placed/<model>/placement.json), and
+write_placements lists them all (placed.json) and redraws the plot with every one of them
+(pareto_all.png), leaving the build's own files untouched.
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ SWEEP_FILE = "sweep.json"
 DIRECT = "scored directly"
 VALIDATION_FILE = "validation.json"
 PLOT_FILE = "pareto.png"
+PLACED_DIR = "placed"  # one folder per placed model, each a cell of the pipeline
+PLACEMENT_FILE = "placement.json"
+PLACED_FILE = "placed.json"
+PLOT_ALL_FILE = "pareto_all.png"
+# Issue 8's target for LoraHub: within the grid's best 10% of points (grid_rank <= 0.1).
+BEST_SHARE = 0.1
 WEIGHT_AXES = ("weights", "scale")
 # Rows per task when n_validation is not given: accuracy over 4 labels needs more rows than a
 # per-token NLL, and a generation task's rows are several times longer.
@@ -247,6 +258,29 @@ def score_composed(composed: Composed, shared, sweep_dir: str | Path, label: str
                               {"label": label}, out_dir=scratch, progress=False)
             values[name] = metric_value(task, metrics.read_predictions(scratch))
     return values
+
+
+def place(composed: Composed, shared, sweep_dir: str | Path, label: str) -> dict:
+    """A model's validation metrics on the sweep's rows, its objective and its rank in the grid."""
+    sweep = read_sweep(sweep_dir)
+    values = score_composed(composed, shared, sweep_dir, label)
+    rank = grid_rank(sweep, values)
+    value = objective(values, sweep["references"], sweep["tasks_in_objective"], sweep["selection"])
+    return {"label": label, "metrics": values, "objective": finite_or_none(value), "grid_rank": rank,
+            "within_best_share": rank <= BEST_SHARE}
+
+
+def write_placements(sweep_dir: str | Path, placements: list[dict]) -> Path:
+    """placed.json (every placement, in the order given) and pareto_all.png (the sweep's plot with
+    every placed model marked), rewritten only when the placements changed."""
+    sweep_dir = Path(sweep_dir)
+    summary = {"selection": read_sweep(sweep_dir)["selection"], "best_share": BEST_SHARE, "placed": placements}
+    unchanged = (sweep_dir / PLOT_ALL_FILE).is_file() and (sweep_dir / PLACED_FILE).is_file() \
+        and io.read_json(sweep_dir / PLACED_FILE) == summary
+    if not unchanged:
+        plot_pareto(sweep_dir, sweep_dir / PLOT_ALL_FILE, others={p["label"]: p["metrics"] for p in placements})
+        io.write_json(sweep_dir / PLACED_FILE, summary)
+    return sweep_dir / PLACED_FILE
 
 
 class FoldedWeights:
@@ -515,7 +549,8 @@ def plot_pareto(sweep: dict | str | Path, path: str | Path, others: dict[str, di
     coords = lambda m: (m[x_task], m[y_task])  # noqa: E731
     points = sweep["points"]
     xs, ys = zip(*(coords(p["metrics"]) for p in points))
-    fig, ax = plt.subplots(figsize=(7.0, 5.2))
+    # With other models marked the legend is long: beside the axes, not over the points.
+    fig, ax = plt.subplots(figsize=(9.5 if others else 7.0, 5.2))
     ax.scatter(xs, ys, s=18, color="#9a9a9a", label=f"grid ({len(points)} points)", zorder=2)
     directions = [sweep["metrics"][t]["higher_is_better"] for t in (x_task, y_task)]
     front = sorted(pareto_front(list(zip(xs, ys)), directions), key=lambda i: xs[i])
@@ -538,7 +573,7 @@ def plot_pareto(sweep: dict | str | Path, path: str | Path, others: dict[str, di
         axis(f"{task} validation {metric['name']} ({better} is better, n = {sweep['n_validation'][task]})")
     ax.set_title(f"{sweep['method']} weight sweep on validation data")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if others else {"loc": "best"}))
     fig.tight_layout()
     with io.atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
