@@ -140,3 +140,27 @@ def test_tfidf_logreg_beats_chance_and_majority_on_real_ag_news(fast_bootstrap):
     assert logreg["n"] == 1000
     assert logreg["value"] > 0.82
     assert logreg["ci_low"] > majority["ci_high"] and logreg["ci_low"] > 0.25 + 0.5
+
+
+def test_one_named_baseline_is_fitted_alone_and_an_unknown_name_is_refused(monkeypatch):
+    import dataclasses
+
+    from loracombench.tasks import get_task
+
+    fitted = []
+    task = get_task("ag_news")
+    original = type(task).baselines
+
+    def spied(baseline):
+        def predict(*args):
+            fitted.append(baseline.name)
+            return baseline.predict(*args)
+        return dataclasses.replace(baseline, predict=predict)
+
+    monkeypatch.setattr(type(task), "baselines", lambda self: tuple(map(spied, original(self))))
+    alone = baselines.evaluate_baselines("ag_news", AG_TRAIN, AG_TEST, seed=0, only="tfidf_logreg")
+    assert [name for name, _, _ in alone] == ["tfidf_logreg"] and fitted == ["tfidf_logreg"]
+    everything = by_name(baselines.evaluate_baselines("ag_news", AG_TRAIN, AG_TEST, seed=0))
+    assert alone[0][1] == everything["tfidf_logreg"][0]
+    with pytest.raises(ValueError, match="no baseline 'tfidf'.*tfidf_logreg"):
+        baselines.evaluate_baselines("ag_news", AG_TRAIN, AG_TEST, only="tfidf")

@@ -275,3 +275,28 @@ def test_pairs_of_different_examples_are_refused(tmp_path):
     write_model(run, "merge: average", "merge", 0, {"ag_news": (scores, rows)})
     with pytest.raises(ValueError, match="example 3 has different gold answers"):
         build_report(run)
+
+
+def test_models_named_in_compare_with_are_comparators_too(tmp_path):
+    from loracombench import io
+
+    run = tmp_path / "run"
+    write_run(run, seeds=(0,))
+    io.write_json(run / "config.json", {"compare_with": ["ties"]})
+    build_report(run)
+    differences = {(r["model"], r["comparator"], r["metric"]): r
+                   for r in read_csv(run) if r["statistic"] == "difference"}
+    # Seed 0: 5 examples only the average gets right (8..11, 20), none only TIES does; the family
+    # against TIES is the average alone, so Holm leaves p = 2/2^5.
+    versus_ties = differences[("merge: average", "merge: ties", "accuracy")]
+    assert float(versus_ties["value"]) == pytest.approx((13 - 8) / 24)
+    assert float(versus_ties["p"]) == float(versus_ties["p_holm"]) == pytest.approx(2 / 32)
+    assert ("merge: ties", "merge: ties", "accuracy") not in differences
+    assert md_rows((run / "results.md").read_text(), "merge: average", "merge: ties", "AG News acc")[3] == "0.0625"
+
+
+def test_compare_with_must_name_a_merge_or_composition_of_the_config():
+    from loracombench.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"compare_with names \['tie'\].*valid: average"):
+        load_config("smoke", {"compare_with": ["tie"]})

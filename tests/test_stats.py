@@ -53,6 +53,18 @@ def test_macro_f1_matches_sklearn_with_batches_and_weights():
         stats.macro_f1(gold, predicted + 2, 4)
 
 
+def test_the_reported_macro_f1_interval_is_sklearn_on_each_resample():
+    from loracombench import metrics
+
+    rng = np.random.default_rng(5)
+    gold, predicted = rng.integers(0, 4, 60), rng.integers(0, 4, 60)
+    reported = metrics.classification_metrics(gold.tolist(), predicted.tolist(), ["a", "b", "c", "d"])["macro_f1"]
+    idx = np.random.default_rng(0).integers(0, 60, (1000, 60))  # bootstrap_statistic's draws (seed 0)
+    draws = [f1_score(gold[i], predicted[i], labels=range(4), average="macro", zero_division=0) for i in idx]
+    assert reported["value"] == pytest.approx(f1_score(gold, predicted, labels=range(4), average="macro"))
+    assert [reported["ci_low"], reported["ci_high"]] == pytest.approx(np.percentile(draws, [2.5, 97.5]))
+
+
 def test_paired_bootstrap_of_a_constant_difference_is_degenerate_at_it():
     values = np.random.default_rng(0).normal(size=30)
     result = stats.bootstrap_difference(stats.mean_score(values + 0.25), stats.mean_score(values), 30)

@@ -42,12 +42,17 @@ def baseline_names(task_name: str) -> list[str]:
     return [baseline.name for baseline in get_task(task_name).baselines()]
 
 
-def _evaluate(task_name: str, train_rows, eval_rows, seed: int):
+def _evaluate(task_name: str, train_rows, eval_rows, seed: int, only: str | None = None):
     task = get_task(task_name)
     check_rows(task, train_rows, f"{task.name} train")
     check_rows(task, eval_rows, f"{task.name} evaluation")
+    if only is not None and only not in baseline_names(task_name):
+        raise ValueError(f"task {task.name!r} has no baseline {only!r}; its baselines: "
+                         f"{', '.join(baseline_names(task_name)) or 'none'}")
     results = []
     for baseline in task.baselines():
+        if only is not None and baseline.name != only:
+            continue
         started = time.time()
         predicted = list(baseline.predict(train_rows, eval_rows, seed))
         if len(predicted) != len(eval_rows):
@@ -59,9 +64,10 @@ def _evaluate(task_name: str, train_rows, eval_rows, seed: int):
 
 
 def evaluate_baselines(task_name: str, train_rows: list[dict], eval_rows: list[dict],
-                       seed: int = 0) -> list[tuple[str, dict, list[dict]]]:
-    """(baseline name, metrics, predictions) for every baseline of the task; no I/O."""
-    _, results = _evaluate(task_name, train_rows, eval_rows, seed)
+                       seed: int = 0, only: str | None = None) -> list[tuple[str, dict, list[dict]]]:
+    """(baseline name, metrics, predictions) for every baseline of the task, or only the one
+    named; no I/O."""
+    _, results = _evaluate(task_name, train_rows, eval_rows, seed, only)
     return [(baseline.name, scores, predictions) for baseline, scores, predictions, _ in results]
 
 

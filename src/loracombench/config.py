@@ -126,6 +126,9 @@ class ExperimentConfig(Strict):
     merges: list[MergeSpec] = Field(default_factory=lambda: [MergeSpec(method="average")])
     # Routers, weight searches, trained combinations (compose/); each declares what it needs.
     compositions: list[CompositionSpec] = Field(default_factory=list)
+    # Labels of merges or compositions that every composed model is also paired-tested against,
+    # beside the original's average and each expert (e.g. the best static merge).
+    compare_with: list[str] = Field(default_factory=list)
     baselines: bool = True
 
     @field_validator("tasks")
@@ -202,6 +205,10 @@ class ExperimentConfig(Strict):
         labels = [m.name for m in self.merges] + [c.name for c in self.compositions]
         if len(set(labels)) != len(labels):
             raise ValueError(f"merge and composition labels repeat: {labels}; give each a distinct label")
+        unknown = [name for name in self.compare_with if name not in labels]
+        if unknown:
+            raise ValueError(f"compare_with names {unknown}, which this config does not merge or compose; "
+                             f"valid: {', '.join(labels)}")
         from .compose import get_composition
 
         for spec in self.compositions:

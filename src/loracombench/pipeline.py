@@ -340,18 +340,16 @@ class Experiment:
 
                 def compute(task=task, name=name, key=key, folder=folder, eval_config=eval_config):
                     rows = self.eval_rows(task)
-                    for found, result, predictions in evaluate_baselines(task, self.train_rows(task), rows,
-                                                                          seed=self.config.data_seed):
-                        if found != name:
-                            continue
-                        record = metrics.result_record(
-                            task=task, split=eval_config.split, n=len(rows), seed=eval_config.seed,
-                            model={"label": f"baseline: {name}", "kind": "baseline", "slug": f"baseline_{name}",
-                                   "cell_key": key},
-                            metrics=result, primary_metric=get_task(task).primary_metric,
-                            chance=get_task(task).chance,
-                            config={"n_train": self.config.n_train[task], "data": self.data_source})
-                        metrics.write_result(folder, record, predictions)
+                    [(_, result, predictions)] = evaluate_baselines(task, self.train_rows(task), rows,
+                                                                    seed=self.config.data_seed, only=name)
+                    record = metrics.result_record(
+                        task=task, split=eval_config.split, n=len(rows), seed=eval_config.seed,
+                        model={"label": f"baseline: {name}", "kind": "baseline", "slug": f"baseline_{name}",
+                               "cell_key": key},
+                        metrics=result, primary_metric=get_task(task).primary_metric,
+                        chance=get_task(task).chance,
+                        config={"n_train": self.config.n_train[task], "data": self.data_source})
+                    metrics.write_result(folder, record, predictions)
 
                 cells.append(Cell(f"baseline {name} on {task}", folder, key, compute))
         return cells

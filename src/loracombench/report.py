@@ -10,7 +10,8 @@ task needs no edit here. results.md holds three tables:
   shows its stored ΔW error. A label trained with several seeds gets one row per seed
   ("label (seed s)") and a "label: mean ± std over N seeds" row.
 - paired comparisons: every composed model (any kind but base, expert, baseline) against the
-  original's factor average ("merge: average") and against each expert of the same seed, on
+  original's factor average ("merge: average"), against each expert of the same seed and
+  against the models the run's config names in `compare_with` (e.g. the best static merge), on
   the examples both answered (matched by "index"); see stats.py for the tests and intervals.
   Holm adjusts across the composed models of one seed, per task, metric and comparator.
 - retention: (model − base)/(expert − base) on each task's retention metric, against that
@@ -318,21 +319,24 @@ def _same_examples(first: dict, second: dict) -> None:
 
 # ---------------------------------------------------------------- paired comparisons
 
-def comparators(record: dict, records: list[dict]) -> list[dict]:
-    """The average (unless the record is it) and every expert, of the same seed and task."""
-    same = [r for r in records if r["task"] == record["task"] and seed_of(r) == seed_of(record)]
-    average = [r for r in same if r["model"]["label"] == AVERAGE_LABEL and r is not record]
+def comparators(record: dict, records: list[dict], compare_with: tuple[str, ...] = ()) -> list[dict]:
+    """The average and every expert of the same seed and task, then the models named in the run's
+    `compare_with` (by merge or composition label); never the record itself."""
+    same = [r for r in records if r["task"] == record["task"] and seed_of(r) == seed_of(record) and r is not record]
+    average = [r for r in same if r["model"]["label"] == AVERAGE_LABEL]
     experts = sorted((r for r in same if r["model"].get("kind") == "expert"), key=lambda r: r["model"]["label"])
-    return average + experts
+    named = [r for name in compare_with for r in same
+             if r["model"]["label"] in (name, f"merge: {name}") and r["model"]["label"] != AVERAGE_LABEL]
+    return average + experts + named
 
 
-def paired_comparisons(records: list[dict], predictions: dict) -> list[dict]:
+def paired_comparisons(records: list[dict], predictions: dict, compare_with: tuple[str, ...] = ()) -> list[dict]:
     """model − comparator for every composed model, comparator and declared metric, with the
     test's p and its Holm adjustment within (task, metric, comparator, seed)."""
     results = []
     for record in filter(is_composed, records):
         task = get_task(record["task"])
-        for other in comparators(record, records):
+        for other in comparators(record, records, compare_with):
             _same_examples(record, other)
             for metric in task.report_metrics:
                 if metric.name not in record["metrics"] or metric.name not in other["metrics"]:
@@ -529,11 +533,17 @@ def report_markdown(records: list[dict], comparisons: list[dict], retention: lis
     return "\n".join(parts)
 
 
+def run_compare_with(run_dir: Path) -> tuple[str, ...]:
+    """The run config's `compare_with` (config.json), or none for a folder without one."""
+    config = run_dir / "config.json"
+    return tuple(io.read_json(config).get("compare_with", [])) if config.is_file() else ()
+
+
 def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = collect(run_dir)
     predictions = load_predictions(run_dir, records)
-    comparisons = paired_comparisons(records, predictions)
+    comparisons = paired_comparisons(records, predictions, run_compare_with(run_dir))
     retention = retention_rows(records, predictions)
     write_csv(long_rows(records, comparisons, retention), run_dir / "results.csv")
     io.write_text(run_dir / "results.md", report_markdown(records, comparisons, retention) + stale_note(run_dir))
