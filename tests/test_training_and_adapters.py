@@ -152,3 +152,27 @@ def test_each_task_starts_from_its_own_lora_initialisation_unless_shared():
     assert all(not torch.equal(ag_news[name], a) for name, a in _initial_lora_A("ag_news", seed=1).items())
     shared = [_initial_lora_A(task, shared_init=True) for task in ("ag_news", "gsm8k")]
     assert all(torch.equal(shared[0][name], shared[1][name]) for name in shared[0])
+
+
+def test_a_local_checkpoint_is_hashed_once_and_again_after_it_changes(tmp_path, monkeypatch):
+    from loracombench import models
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    tiny = models.load_model("tiny-llama")
+    folder = tmp_path / "checkpoint"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    hashed = []
+    checksum = models.weight_checksum
+    monkeypatch.setattr(models, "weight_checksum", lambda model: hashed.append(1) or checksum(model))
+
+    first = models.load_model(str(folder)).fingerprint
+    again = models.load_model(str(folder)).fingerprint
+    assert len(hashed) == 1 and again == first
+    assert first["weight_checksum"] == checksum(tiny.model)  # the cached value is the real one
+
+    with torch.no_grad():
+        tiny.model.lm_head.weight.add_(1.0)
+    tiny.model.save_pretrained(folder)
+    changed = models.load_model(str(folder)).fingerprint
+    assert len(hashed) == 2 and changed["weight_checksum"] != first["weight_checksum"]

@@ -93,6 +93,42 @@ def fingerprint(name: str, model: torch.nn.Module) -> dict:
     return {"name": name, "config_hash": config_hash(model.config), "weight_checksum": weight_checksum(model)}
 
 
+def checkpoint_files(name: str) -> list[Path]:
+    """The safetensors files a local folder or a hub id (its snapshot in the local HF cache)
+    loads from; [] when they cannot be found without the network."""
+    folder = Path(name)
+    if not folder.is_dir():
+        from transformers.utils import cached_file
+
+        try:
+            config = cached_file(name, "config.json", local_files_only=True)
+        except (OSError, ValueError):
+            return []
+        if config is None:
+            return []
+        folder = Path(config).parent
+    return sorted(folder.glob("*.safetensors"))
+
+
+def cached_fingerprint(name: str, model: torch.nn.Module) -> dict:
+    """fingerprint(), computed once per checkpoint: hashing every weight costs seconds for a
+    small model and minutes for a large one, at every load. Kept in the package cache (not in
+    the checkpoint's folder, which belongs to the user or to huggingface_hub), keyed by each
+    weight file's resolved path, size and modification time and by the model's config, so a
+    changed checkpoint is hashed again."""
+    files = checkpoint_files(name)
+    if not files:
+        return fingerprint(name, model)
+    identity = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = hashlib.sha256(json.dumps([identity, config_hash(model.config)]).encode()).hexdigest()[:24]
+    path = cache_dir() / "fingerprints" / f"{key}.json"
+    if path.is_file():
+        return {**io.read_json(path), "name": name}
+    computed = fingerprint(name, model)
+    io.write_json(path, computed)
+    return computed
+
+
 def same_base(a: dict, b: dict) -> bool:
     return a["config_hash"] == b["config_hash"] and a["weight_checksum"] == b["weight_checksum"]
 
@@ -170,7 +206,7 @@ def _load_pretrained(name: str, trust_remote_code: bool = False) -> tuple:
         ) from err
     if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, fingerprint(name, model), name
+    return model, tokenizer, cached_fingerprint(name, model), name
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
