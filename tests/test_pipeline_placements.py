@@ -66,3 +66,27 @@ def test_other_models_are_placed_in_the_sweep_on_its_validation_rows_and_reused(
     assert io.read_json(sweep_dir / "cell_manifest.json") == built_before
     assert (sweep_dir / PLACED_FILE).stat().st_mtime_ns == summary_written
     assert (sweep_dir / PLACED_DIR / "route_oracle" / PLACEMENT_FILE).is_file()
+
+
+def test_sweeps_on_the_same_rows_place_each_model_after_one_scoring(tmp_path, small_mirror, monkeypatch):
+    from loracombench.compose import weight_sweep
+
+    config = dict(SMOKE, compositions=SMOKE["compositions"] + [
+        {"method": "weight_sweep", "label": "ta_sweep_fine",
+         "params": {"method": "task_arithmetic", "weights": [0.0, 0.5, 1.0], "n_validation": 4}}])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    scored = []
+    original = weight_sweep.score_composed
+    monkeypatch.setattr(weight_sweep, "score_composed",
+                        lambda composed, shared, sweep_dir, label="model": scored.append(label)
+                        or original(composed, shared, sweep_dir, label))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(path), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
+    assert sorted(scored) == ["merge: ta_ones", "route_oracle"]  # once each, for both sweeps
+    placed = [{p["label"]: p for p in io.read_json(out / "compositions" / "seed0" / name / PLACED_FILE)["placed"]}
+              for name in ("ta_sweep", "ta_sweep_fine")]
+    for label in ("merge: ta_ones", "route_oracle"):
+        assert placed[0][label]["metrics"] == placed[1][label]["metrics"]
+        sweep = io.read_json(out / "compositions" / "seed0" / "ta_sweep_fine" / SWEEP_FILE)
+        assert placed[1][label]["grid_rank"] == grid_rank(sweep, placed[1][label]["metrics"])

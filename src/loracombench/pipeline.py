@@ -130,6 +130,9 @@ class Experiment:
         self.data_source = str(self.data_dir.resolve()) if self.data_dir else "hub"
         self.current_results: list[Path] = []  # the eval folders this run's report shows
         self._rows: dict[tuple, list[dict]] = {}
+        # (model key, validation_identity) -> validation metrics: sweeps on the same rows place
+        # each model after one scoring (in this process; other workers score it again).
+        self._validation_scores: dict[tuple, dict[str, float]] = {}
         self._token = uuid.uuid4().hex  # names this run's copies in other processes
 
     def __reduce__(self):
@@ -275,7 +278,10 @@ class Experiment:
         folder = sweep.folder / weight_sweep.PLACED_DIR / name
 
         def compute():
-            placement = weight_sweep.place(entry.load(), self.shared, sweep.folder, entry.label)
+            scored = (entry.key, weight_sweep.validation_identity(sweep.folder))
+            placement = weight_sweep.place(entry.load(), self.shared, sweep.folder, entry.label,
+                                           self._validation_scores.get(scored))
+            self._validation_scores[scored] = placement["metrics"]
             io.write_json(folder / weight_sweep.PLACEMENT_FILE, {**placement, "kind": entry.kind, "cell_key": key})
             log(f"place {name} in {sweep.folder.name}: grid rank {placement['grid_rank']:.2f}")
 

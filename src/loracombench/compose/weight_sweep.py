@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from .. import adapters, io, metrics, stats
+from ..config import stable_hash
 from ..evaluation import SCORERS, EvalConfig, evaluate_composed
 from ..merging.factors import LoraFactors
 from ..tasks import Task, get_task
@@ -260,10 +261,18 @@ def score_composed(composed: Composed, shared, sweep_dir: str | Path, label: str
     return values
 
 
-def place(composed: Composed, shared, sweep_dir: str | Path, label: str) -> dict:
-    """A model's validation metrics on the sweep's rows, its objective and its rank in the grid."""
+def validation_identity(sweep_dir: str | Path) -> str:
+    """What a model's validation scores depend on besides the model: the sweep's rows and the
+    precision they are scored in. Sweeps of one run share it, so each model is scored once."""
+    sweep_dir = Path(sweep_dir)
+    return stable_hash({"rows": io.read_json(sweep_dir / VALIDATION_FILE), "dtype": read_sweep(sweep_dir)["dtype"]})
+
+
+def place(composed: Composed, shared, sweep_dir: str | Path, label: str, values: dict[str, float] | None = None) -> dict:
+    """A model's validation metrics on the sweep's rows (score_composed, unless `values` already
+    holds them for the same validation_identity), its objective and its rank in the grid."""
     sweep = read_sweep(sweep_dir)
-    values = score_composed(composed, shared, sweep_dir, label)
+    values = score_composed(composed, shared, sweep_dir, label) if values is None else values
     rank = grid_rank(sweep, values)
     value = objective(values, sweep["references"], sweep["tasks_in_objective"], sweep["selection"])
     return {"label": label, "metrics": values, "objective": finite_or_none(value), "grid_rank": rank,
