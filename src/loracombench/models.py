@@ -119,7 +119,7 @@ def cached_fingerprint(name: str, model: torch.nn.Module) -> dict:
     files = checkpoint_files(name)
     if not files:
         return fingerprint(name, model)
-    identity = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    identity = [[str(f.resolve()), stat.st_size, stat.st_mtime_ns] for f, stat in ((f, f.stat()) for f in files)]
     key = hashlib.sha256(json.dumps([identity, config_hash(model.config)]).encode()).hexdigest()[:24]
     path = cache_dir() / "fingerprints" / f"{key}.json"
     if path.is_file():
