@@ -74,7 +74,10 @@ class EvalSettings(Strict):
     n_eval: dict[str, int | None] = Field(default_factory=lambda: {"ag_news": 200, "gsm8k": 60})
     n_generate: int | None = Field(30, ge=0)
     max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(16, ge=1)
+    # Rows per log-likelihood forward pass. 8, not 16: the rows of a batch are padded to its longest,
+    # and GSM8K's question+solution lengths vary widely, so on the default run's 60 rows a batch of
+    # 16 is 25% padding (8: 11%) and scores in 29 s against 23.5 s; AG News is as fast at either.
+    batch_size: int = Field(8, ge=1)
     generate_batch_size: int = Field(32, ge=1)
 
 

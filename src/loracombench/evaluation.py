@@ -23,7 +23,7 @@ class EvalConfig:
     n_eval: int | None = 200  # examples scored by log-likelihood (AG News choices, GSM8K gold NLL); None: all
     n_generate: int | None = 30  # GSM8K problems answered by greedy generation (a prefix of the sample); None: all
     max_new_tokens: int = 256
-    batch_size: int = 16
+    batch_size: int = 8  # config.EvalSettings says why 8
     generate_batch_size: int = 32
     seed: int = 1234
     split: str = "test"
@@ -72,7 +72,7 @@ MIN_SHARED_PREFIX = 8
 
 @torch.inference_mode()
 def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list[int]]],
-                          batch_size: int = 16, desc: str = "score", progress: bool = False,
+                          batch_size: int = 8, desc: str = "score", progress: bool = False,
                           dtype: str = "auto", share_prefix: bool = True) -> list[float]:
     """Sum of log p(continuation | context) per (context_ids, continuation_ids) request.
 
