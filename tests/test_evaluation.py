@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
 from loracombench import metrics
+from loracombench.batching import left_pad
 from loracombench.evaluation import (MIN_SHARED_PREFIX, EvalConfig, continuation_logprobs, cut_at_stop, encode,
-                                     evaluate, shared_prefix)
+                                     evaluate, generate, greedy_tokens, shared_prefix)
 from loracombench.tasks import get_task
 
 
@@ -121,6 +123,51 @@ def test_evaluate_writes_metrics_and_predictions(tiny_gpt2, tmp_path):
     accuracy = record["metrics"]["accuracy"]
     assert accuracy["value"] == sum(json.loads(l)["correct"] for l in lines) / 8
     assert 0 <= accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"] <= 1
+
+
+def transformers_generate(model, tok, prompts, max_new_tokens, stops):
+    """The reference: one left-padded batch through transformers' generate(), greedy."""
+    batch = left_pad([encode(tok, p) for p in prompts], tok.pad_token_id)
+    batch.pop("position_ids")
+    with torch.no_grad():
+        tokens = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, stop_strings=list(stops),
+                                tokenizer=tok, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return [cut_at_stop(tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True), stops)
+            for row in tokens]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_greedy_decoding_drops_finished_rows_and_equals_transformers_generate(name):
+    from loracombench.models import load_model
+
+    loaded = load_model(name)
+    model, tok = loaded.model.eval(), copy.deepcopy(loaded.tokenizer)
+    prompts = ["Question: What is 2 plus 2?\nAnswer:", "Hi", "A much longer prompt about markets " * 3,
+               "Numbers: 1 2 3", "Topic:"]
+    prompt_ids = [encode(tok, p) for p in prompts]
+    free = greedy_tokens(model, tok, prompt_ids, 12, stops=())
+    assert [len(t) for t in free] == [12] * 5  # no stop: every row runs to max_new_tokens
+    # One row ends at a stop string, another at an EOS token, each taken from that row's own
+    # greedy tokens and found in no other row; the others run to max_new_tokens.
+    texts = [tok.decode(row) for row in free]
+    stop_row, stop = next((r, text) for r, row in enumerate(free) for t in row
+                          if (text := tok.decode([t]).strip()) and not any(text in texts[j] for j in range(5) if j != r))
+    eos_row, tok.eos_token_id = next((r, t) for r, row in enumerate(free) if r != stop_row for t in row
+                                     if not any(t in free[j] for j in range(5) if j != r))
+    stops = (stop,)
+    expected = transformers_generate(model, tok, prompts, 12, stops)
+    batch_rows = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: batch_rows.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        tokens = greedy_tokens(model, tok, prompt_ids, 12, stops)
+    finally:
+        hook.remove()
+    assert generate(model, tok, prompts, EvalConfig(max_new_tokens=12, generate_batch_size=5), stops, False) == expected
+    assert [len(t) < 12 for t in tokens] == [r in (stop_row, eos_row) for r in range(5)]
+    decoding = batch_rows[1:]  # after the prefill of all 5 rows, one call per step
+    assert batch_rows[0] == 5 and decoding == sorted(decoding, reverse=True) and decoding[-1] == 3
+    assert sum(decoding) == sum(len(t) - 1 for t in tokens)  # a finished row is never computed again
 
 
 def test_gsm8k_evaluation_generates_extracts_and_scores_nll(tiny_gpt2, tmp_path):

@@ -188,22 +188,65 @@ def cut_at_stop(text: str, stops) -> str:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], config: EvalConfig, stops, progress: bool) -> list[str]:
-    """Greedy, batched, left-padded, KV-cached decoding that stops at EOS or a stop string."""
-    device = model_device(model)
+    """Greedy, batched, left-padded, KV-cached decoding that stops each row at EOS or a stop string;
+    each output is cut at its first stop string."""
     outputs = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     for start in tqdm(range(0, len(order), config.generate_batch_size), desc="generate", disable=not progress):
         chunk = order[start: start + config.generate_batch_size]
-        batch = left_pad([encode(tokenizer, prompts[i]) for i in chunk], tokenizer.pad_token_id, device)
-        batch.pop("position_ids")  # generate() derives positions from the attention mask itself
-        with autocast(device, config.dtype):
-            tokens = model.generate(**batch, do_sample=False, max_new_tokens=config.max_new_tokens,
-                                    stop_strings=list(stops), tokenizer=tokenizer, use_cache=True,
-                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        for row, i in enumerate(chunk):
-            text = tokenizer.decode(tokens[row, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            outputs[i] = cut_at_stop(text, stops)
+        new_tokens = greedy_tokens(model, tokenizer, [encode(tokenizer, prompts[i]) for i in chunk],
+                                   config.max_new_tokens, stops, config.dtype)
+        for i, tokens in zip(chunk, new_tokens):
+            outputs[i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
     return outputs
+
+
+def greedy_tokens(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, stops,
+                  dtype: str = "auto") -> list[list[int]]:
+    """Each prompt's greedy continuation, up to and including the token that ends it (EOS, the
+    end of a stop string, or the max_new_tokens-th token).
+
+    Written by hand rather than calling transformers' generate(), which computes every row of a
+    batch until its last row stops: a GSM8K batch then costs its longest answer times the batch.
+    Here a row that stops leaves the batch (its key/value cache rows are dropped), so each step
+    computes only the rows still going. The tokens are generate()'s greedy ones (tested); its stop
+    strings, like these, end a row at the first token that completes one."""
+    device = model_device(model)
+    batch = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    window = max((len(stop) for stop in stops), default=0) + 1  # tokens that can hold a stop string
+    new_tokens: list[list[int]] = [[] for _ in prompt_ids]
+    going = list(range(len(prompt_ids)))
+    mask, positions = batch["attention_mask"], batch["position_ids"][:, -1:]
+    with autocast(device, dtype):
+        out = model(**batch, use_cache=True, logits_to_keep=1)
+    for step in range(max_new_tokens):
+        chosen = out.logits[:, -1].argmax(dim=-1)
+        for row, token in zip(going, chosen.tolist()):
+            new_tokens[row].append(token)
+        still = [k for k, row in enumerate(going)
+                 if not stopped(new_tokens[row], tokenizer, stops, window)] if step + 1 < max_new_tokens else []
+        if not still:
+            break
+        if len(still) < len(going):
+            keep = torch.tensor(still, device=device)
+            out.cache.batch_select_indices(keep)
+            going, mask, positions, chosen = [going[k] for k in still], mask[keep], positions[keep], chosen[keep]
+        mask = torch.cat([mask, mask.new_ones(len(going), 1)], dim=1)
+        positions = positions + 1
+        with autocast(device, dtype):
+            out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                        use_cache=True)
+    return new_tokens
+
+
+def stopped(tokens: list[int], tokenizer, stops, window: int) -> bool:
+    """Whether the last token is EOS or completes a stop string. Checked after every token, so a
+    stop string in the text must end in its last token; special tokens are kept in the decoded
+    text, so that a stop string such as "<|im_end|>" is seen."""
+    if tokens[-1] == tokenizer.eos_token_id:
+        return True
+    text = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
+    return any(stop in text for stop in stops)
 
 
 def generated(index: int, config: EvalConfig) -> bool:
