@@ -176,3 +176,27 @@ def test_a_local_checkpoint_is_hashed_once_and_again_after_it_changes(tmp_path, 
     tiny.model.save_pretrained(folder)
     changed = models.load_model(str(folder)).fingerprint
     assert len(hashed) == 2 and changed["weight_checksum"] != first["weight_checksum"]
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_adapter(tmp_path, name):
+    """Checkpointing only trades memory for time: with dropout on, the adapter is bit-identical,
+    each layer's MLP runs twice per micro-batch (so it really was on), and the base is left
+    without checkpointing for the evaluation that follows."""
+    adapters_trained, forwards = {}, {}
+    for checkpointed in (False, True):
+        loaded = load_model(name)
+        first_mlp = next(m for n, m in loaded.model.named_modules() if n.endswith(("h.0.mlp", "layers.0.mlp")))
+        calls = []
+        first_mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        config = TrainSettings(epochs=1, batch_size=4, max_length=64, learning_rate=5e-3, lora_dropout=0.2,
+                               gradient_checkpointing=checkpointed)
+        train_adapter(loaded, get_task("ag_news"), AG_ROWS, config, tmp_path / str(checkpointed), progress=False)
+        adapters_trained[checkpointed] = adapters.read_weights(tmp_path / str(checkpointed))
+        forwards[checkpointed] = len(calls)
+        assert not loaded.model.is_gradient_checkpointing and not getattr(loaded.model, "_require_grads_hooks", None)
+    assert forwards == {False: 3, True: 6}  # 3 micro-batches
+    assert adapters_trained[False].keys() == adapters_trained[True].keys()
+    for key, weight in adapters_trained[False].items():
+        assert torch.equal(weight, adapters_trained[True][key]), key
+    assert TrainSettings(gradient_checkpointing=True).result_settings() == TrainSettings().result_settings()

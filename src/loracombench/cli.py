@@ -126,7 +126,8 @@ def cmd_train(args) -> int:
     flags = {"r": args.r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
              "target_modules": args.target_modules, "learning_rate": args.lr, "epochs": args.epochs,
              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
-             "seed": args.seed, "checkpoint_every": args.checkpoint_every}
+             "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+             "gradient_checkpointing": args.gradient_checkpointing}
     defaults = preset.train_settings(task.name, preset.seeds[0]).model_dump()
     try:
         config = TrainSettings(**{**defaults, **{name: value for name, value in flags.items() if value is not None}})
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="optimizer steps between checkpoints in OUT.checkpoint/, from which a rerun resumes "
                         f"(0: none) {preset}")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"recompute activations in the backward pass: less memory, slower, the same adapter {preset}")
     add_out_args(p, "adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 

@@ -61,10 +61,14 @@ class TrainSettings(Strict):
     # about 11 MB) takes well under 0.1 s: every 10 steps costs under 1% and a kill loses at most
     # about 40 s of training. Does not change the result, so it is not part of any cache key.
     checkpoint_every: int = Field(10, ge=0)
+    # Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    # for a machine short of memory. The adapter is bit-identical (dropout draws are replayed;
+    # tested), so like checkpoint_every it is in no cache key. README "Memory" has its cost.
+    gradient_checkpointing: bool = False
 
     def result_settings(self) -> dict:
-        """The settings that decide the trained adapter (how often it is checkpointed does not)."""
-        return self.model_dump(exclude={"checkpoint_every"})
+        """The settings that decide the trained adapter (how it is checkpointed does not)."""
+        return self.model_dump(exclude={"checkpoint_every", "gradient_checkpointing"})
 
 
 class EvalSettings(Strict):

@@ -6,6 +6,7 @@ import random
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,13 +158,15 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     curve, started = done.curve, time.time()
     bar = tqdm(total=len(steps), initial=done.step, desc=f"train {name}", disable=not (progress and world.is_main))
     model.train()
-    for epoch, step in steps[done.step:]:
-        loss_sum = trainer.step([[kept[i] for i in chunk] for chunk in step])
-        curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum, "lr": schedule.get_last_lr()[0]})
-        checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
-                         model, optimizer, schedule)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}")
+    with activations_recomputed(model, config.gradient_checkpointing):
+        for epoch, step in steps[done.step:]:
+            loss_sum = trainer.step([[kept[i] for i in chunk] for chunk in step])
+            curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum,
+                          "lr": schedule.get_last_lr()[0]})
+            checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
+                             model, optimizer, schedule)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}")
     bar.close()
     model.eval()
     elapsed = done.train_time_s + time.time() - started
@@ -183,6 +186,25 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
         })
         checkpoints.discard()
     return metadata
+
+
+@contextmanager
+def activations_recomputed(model, enabled: bool):
+    """Gradient checkpointing for the duration of a training run, then off again: the base model
+    is shared with the evaluation that follows. Non-reentrant, which replays the layer's RNG
+    state, so dropout masks and hence the adapter are the same as without it."""
+    if not enabled:
+        yield
+        return
+    base = model.get_base_model()
+    base.activation_checkpointing_enable({"use_reentrant": False})
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable()
+        # transformers also hooked the embeddings to make their output require grad; the next
+        # training run on this base would otherwise backpropagate into them for nothing.
+        base.disable_input_require_grads()
 
 
 def per_task(counts: dict[str, int]) -> int | dict[str, int]:
