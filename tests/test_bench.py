@@ -18,7 +18,7 @@ import bench  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 TINY = ["--model", "tiny-llama", "--data-dir", str(MIRROR), "--train-rows", "4", "--train-batch-size", "2",
         "--matmul-size", "128", "--score-rows", "4", "--score-batch-size", "4", "--label-tokens", "2",
         "--generate-rows", "3", "--generate-batch-size", "2", "--max-new-tokens", "8", "--adapters", "2",
-        "--adapter-rows", "4", "--merge-repeats", "1", "--merge-layers", "1"]
+        "--adapter-rows", "4", "--merge-repeats", "1", "--merge-layers", "1", "--memory-rows", "2"]
 # The last line `loracombench run` prints: its stages add up to less than the total (the report).
 RUN_LOG = "[21:40:02] train ag_news: done\n[22:01:30] stages: train 310 s, compose 40 s, evaluate 900 s; total 1290 s\n"
 
@@ -52,7 +52,9 @@ def test_side_by_side_computations_agree(result):
     assert scoring["max_abs_logprob_diff"] < 1e-4 and scoring["same_prediction"] == scoring["rows"] == 4
     assert generation["identical_outputs"] == generation["prompts"] == 3
     assert swaps["adapters_with_same_predictions"] == swaps["adapters"] == 2
-    assert all(a["holds"] for a in (scoring, generation, swaps))
+    memory = sections["memory"]["agreement"]
+    assert memory["identical_adapter_weights"] is True
+    assert all(a["holds"] for a in (scoring, generation, swaps, memory))
 
 
 @needs_mirror
