@@ -11,8 +11,8 @@ Sections: training (our trainer against transformers' Trainer with PEFT), scorin
 choices read off one forward pass, against a forward pass per choice and against generating the
 label), generation (batched GSM8K generation against one prompt at a time), adapters (N adapters
 on one loaded base against a base load per adapter), merge (seconds per merge method,
-bench_merge.py), memory (peak RSS and time of the default run's longest GSM8K batches trained
-with and without gradient checkpointing, each in a fresh process) and run (the stage times of a
+bench_merge.py), memory (peak RSS and time of each task's longest training batches of the
+default run, trained with and without gradient checkpointing, each in a fresh process) and run (the stage times of a
 finished `loracombench run` from its printed log, and the peak RSS of this process). The defaults are sized for about 10 minutes on 2 idle cores.
 """
 
@@ -400,40 +400,51 @@ def run_section(ctx: Context) -> dict:
 
 # ---------------------------------------------------------------- 7. memory
 
-def train_in_fresh_process(model: str, rows: list[dict], settings: TrainSettings) -> dict:
+def train_in_fresh_process(model: str, task_name: str, rows: list[dict], settings: TrainSettings) -> dict:
     """Runs in a spawned process, so that its peak RSS is this training run's alone."""
     loaded = load_model(model)
     with tempfile.TemporaryDirectory() as scratch:
-        seconds = train_adapter(loaded, get_task("gsm8k"), rows, settings, Path(scratch), progress=False)["train_time_s"]
+        seconds = train_adapter(loaded, get_task(task_name), rows, settings, Path(scratch),
+                                progress=False)["train_time_s"]
         weights = (Path(scratch) / adapters.WEIGHTS_FILE).read_bytes()
     return {"train_time_s": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
             "weights_sha256": hashlib.sha256(weights).hexdigest()}
 
 
+def longest_training_rows(ctx: Context, task_name: str) -> list[dict]:
+    """The rows with the most tokens among the default run's training sample of the task."""
+    n_train = yaml.safe_load((PRESETS_DIR / "default.yaml").read_text(encoding="utf-8"))["n_train"][task_name]
+    task, tokenizer = get_task(task_name), ctx.shared.loaded.tokenizer
+    return sorted(ctx.sample(task_name, "train", n_train), key=lambda r: -len(
+        evaluation.encode(tokenizer, task.prompt(r) + task.target(r))))[: ctx.args.memory_rows]
+
+
 def memory_section(ctx: Context) -> dict:
-    """The default run's longest GSM8K batches (the rows with the most tokens of its training
-    sample) trained with and without gradient checkpointing, each in a fresh process."""
+    """Each task's longest training batches of the default run, trained with and without gradient
+    checkpointing, each in a fresh process: the peak RSS of a run is its training's."""
     import multiprocessing
 
-    n_train = yaml.safe_load((PRESETS_DIR / "default.yaml").read_text(encoding="utf-8"))["n_train"]["gsm8k"]
-    task, settings = get_task("gsm8k"), ctx.train_settings()
-    tokenizer = ctx.shared.loaded.tokenizer
-    rows = sorted(ctx.sample("gsm8k", "train", n_train), key=lambda r: -len(
-        evaluation.encode(tokenizer, task.prompt(r) + task.target(r))))[: ctx.args.memory_rows]
-    spawn = multiprocessing.get_context("spawn")
-    runs = {}
-    for checkpointed in (False, True):
-        with spawn.Pool(1) as pool:
-            runs[checkpointed] = pool.apply(train_in_fresh_process, (
-                ctx.args.model, rows, settings.model_copy(update={"gradient_checkpointing": checkpointed})))
-    plain, lean = runs[False], runs[True]
-    same = plain["weights_sha256"] == lean["weights_sha256"]
-    return {"ratios": [ratio("peak RSS: gradient checkpointing ÷ without", lean["peak_rss_gb"] / plain["peak_rss_gb"]),
-                       ratio("training seconds: gradient checkpointing ÷ without",
-                             lean["train_time_s"] / plain["train_time_s"])],
-            "agreement": {"identical_adapter_weights": same, "holds": same},
-            "measured": {"rows": len(rows), "batch_size": settings.batch_size, "max_length": settings.max_length,
-                         "without": plain, "gradient_checkpointing": lean}}
+    spawn, settings = multiprocessing.get_context("spawn"), ctx.train_settings()
+    ratios, measured, identical = [], {}, {}
+    for task_name in TRAIN_TASKS:
+        rows = longest_training_rows(ctx, task_name)
+        runs = {}
+        for checkpointed in (False, True):
+            with spawn.Pool(1) as pool:
+                runs[checkpointed] = pool.apply(train_in_fresh_process, (
+                    ctx.args.model, task_name, rows,
+                    settings.model_copy(update={"gradient_checkpointing": checkpointed})))
+        plain, lean = runs[False], runs[True]
+        identical[task_name] = plain["weights_sha256"] == lean["weights_sha256"]
+        ratios += [ratio(f"peak RSS: gradient checkpointing ÷ without, {task_name}",
+                         lean["peak_rss_gb"] / plain["peak_rss_gb"]),
+                   ratio(f"training seconds: gradient checkpointing ÷ without, {task_name}",
+                         lean["train_time_s"] / plain["train_time_s"])]
+        measured[task_name] = {"rows": len(rows), "without": plain, "gradient_checkpointing": lean}
+    return {"ratios": ratios,
+            "agreement": {"identical_adapter_weights": sum(identical.values()), "tasks": len(identical),
+                          "holds": all(identical.values())},
+            "measured": {**measured, "batch_size": settings.batch_size, "max_length": settings.max_length}}
 
 
 # ---------------------------------------------------------------- sections, output, command line
@@ -523,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adapter-rows", type=positive_int, default=32, help="AG News test articles each adapter scores")
     add("--adapter-std", type=float, default=0.02, help="standard deviation of the random adapters' lora_B")
     add("--memory-rows", type=positive_int, default=16,
-        help="longest GSM8K training rows trained with and without gradient checkpointing (memory section)")
+        help="longest training rows per task, trained with and without gradient checkpointing (memory)")
     bench_merge.add_arguments(parser)
     add("--run-log", type=Path, help="output of a finished `loracombench run` (its last line gives stage times)")
     add("--cached-run-log", type=Path, help="output of the same run repeated with everything cached")

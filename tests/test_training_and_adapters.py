@@ -194,7 +194,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_adapter(tm
         train_adapter(loaded, get_task("ag_news"), AG_ROWS, config, tmp_path / str(checkpointed), progress=False)
         adapters_trained[checkpointed] = adapters.read_weights(tmp_path / str(checkpointed))
         forwards[checkpointed] = len(calls)
-        assert not loaded.model.is_gradient_checkpointing and not getattr(loaded.model, "_require_grads_hooks", None)
+        assert not loaded.model.is_activation_checkpointing and not getattr(loaded.model, "_require_grads_hooks", None)
     assert forwards == {False: 3, True: 6}  # 3 micro-batches
     assert adapters_trained[False].keys() == adapters_trained[True].keys()
     for key, weight in adapters_trained[False].items():
