@@ -12,8 +12,9 @@ choices read off one forward pass, against a forward pass per choice and against
 label), generation (batched GSM8K generation against one prompt at a time), adapters (N adapters
 on one loaded base against a base load per adapter), merge (seconds per merge method,
 bench_merge.py), memory (peak RSS and time of each task's longest training batches of the
-default run, trained with and without gradient checkpointing, each in a fresh process) and run (the stage times of a
-finished `loracombench run` from its printed log, and the peak RSS of this process). The defaults are sized for about 10 minutes on 2 idle cores.
+default run, trained with and without gradient checkpointing, each in a fresh process) and run
+(the stage times of a finished `loracombench run` from its printed log, and the peak RSS of this
+process). The defaults are sized for about 9 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -99,10 +100,15 @@ class Context:
         warm_up(shared.loaded)
         return shared
 
+    @cached_property
+    def preset(self) -> dict:
+        """configs/default.yaml, the run the bench's settings and samples follow."""
+        return yaml.safe_load((PRESETS_DIR / "default.yaml").read_text(encoding="utf-8"))
+
     def train_settings(self) -> TrainSettings:
         """The default run's LoRA and optimiser settings, at the bench's batch size, one epoch, never checkpointed."""
-        preset = yaml.safe_load((PRESETS_DIR / "default.yaml").read_text(encoding="utf-8"))["train"]
-        return TrainSettings(**{**preset, "epochs": 1, "batch_size": self.args.train_batch_size, "checkpoint_every": 0})
+        return TrainSettings(**{**self.preset["train"], "epochs": 1, "batch_size": self.args.train_batch_size,
+                                "checkpoint_every": 0})
 
     def sample(self, task: str, split: str, n: int) -> list[dict]:
         return load_sample(task, split, n, self.args.seed, self.args.data_dir)
@@ -417,7 +423,8 @@ def train_in_fresh_process(model: str, task_name: str, rows: list[dict], setting
         seconds = train_adapter(loaded, get_task(task_name), rows, settings, Path(scratch),
                                 progress=False)["train_time_s"]
         weights = (Path(scratch) / adapters.WEIGHTS_FILE).read_bytes()
-    return {"train_time_s": seconds, "peak_rss_gb": own_peak_rss_gb(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    return {"train_time_s": seconds, "peak_rss_gb": own_peak_rss_gb(),
+            "weights_sha256": hashlib.sha256(weights).hexdigest()}
 
 
 def own_peak_rss_gb() -> float:
@@ -432,9 +439,8 @@ def own_peak_rss_gb() -> float:
 
 def longest_training_rows(ctx: Context, task_name: str) -> list[dict]:
     """The rows with the most tokens among the default run's training sample of the task."""
-    n_train = yaml.safe_load((PRESETS_DIR / "default.yaml").read_text(encoding="utf-8"))["n_train"][task_name]
     task, tokenizer = get_task(task_name), ctx.shared.loaded.tokenizer
-    return sorted(ctx.sample(task_name, "train", n_train), key=lambda r: -len(
+    return sorted(ctx.sample(task_name, "train", ctx.preset["n_train"][task_name]), key=lambda r: -len(
         evaluation.encode(tokenizer, task.prompt(r) + task.target(r))))[: ctx.args.memory_rows]
 
 

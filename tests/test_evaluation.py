@@ -151,7 +151,8 @@ def test_greedy_decoding_drops_finished_rows_and_equals_transformers_generate(na
     # greedy tokens and found in no other row; the others run to max_new_tokens.
     texts = [tok.decode(row) for row in free]
     stop_row, stop = next((r, text) for r, row in enumerate(free) for t in row
-                          if (text := tok.decode([t]).strip()) and not any(text in texts[j] for j in range(5) if j != r))
+                          if (text := tok.decode([t]).strip())
+                          and not any(text in texts[j] for j in range(5) if j != r))
     eos_row, tok.eos_token_id = next((r, t) for r, row in enumerate(free) if r != stop_row for t in row
                                      if not any(t in free[j] for j in range(5) if j != r))
     stops = (stop,)
