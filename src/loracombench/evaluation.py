@@ -72,7 +72,7 @@ MIN_SHARED_PREFIX = 8
 
 @torch.inference_mode()
 def continuation_logprobs(model, tokenizer, requests: list[tuple[list[int], list[int]]],
-                          batch_size: int = 8, desc: str = "score", progress: bool = False,
+                          batch_size: int = EvalConfig.batch_size, desc: str = "score", progress: bool = False,
                           dtype: str = "auto", share_prefix: bool = True) -> list[float]:
     """Sum of log p(continuation | context) per (context_ids, continuation_ids) request.
 
