@@ -192,3 +192,56 @@ def test_gsm8k_evaluation_generates_extracts_and_scores_nll(tiny_gpt2, tmp_path)
 def test_evaluate_refuses_no_rows(tiny_gpt2):
     with pytest.raises(ValueError, match="no ag_news examples"):
         evaluate(tiny_gpt2.model, tiny_gpt2.tokenizer, get_task("ag_news"), [], EvalConfig(), {})
+
+
+def test_few_row_linear_is_f_linear_summed_another_way_and_leaves_many_rows_alone():
+    from loracombench.decoding import FewRowLinear
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(300, 40, generator=generator), torch.randn(300, generator=generator)
+    calls = []
+    mode = FewRowLinear(max_rows=8)
+    mode.linear = lambda *a, _inner=mode.linear, **k: calls.append(a[0].shape) or _inner(*a, **k)
+    for shape in [(40,), (3, 40), (2, 4, 40), (3, 1, 40)]:
+        x = torch.randn(*shape, generator=generator)
+        with mode:
+            out = torch.nn.functional.linear(x, weight, bias)
+            unbiased = torch.nn.functional.linear(x, weight)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(unbiased, x @ weight.t(), rtol=1e-5, atol=1e-5)
+        assert out.shape == (*shape[:-1], 300) and out.is_contiguous()
+    assert len(calls) == 8  # every F.linear went through the mode
+    many = torch.randn(9, 40, generator=generator)  # above max_rows: F.linear itself, bit for bit
+    expected = torch.nn.functional.linear(many, weight, bias)
+    with FewRowLinear(max_rows=8):
+        assert torch.equal(torch.nn.functional.linear(many, weight, bias), expected)
+
+
+def test_a_reserved_cache_layer_holds_what_a_dynamic_layer_holds_through_growth_and_row_selection():
+    from transformers.cache_utils import DynamicLayer
+
+    from loracombench.decoding import ReservedLayer
+
+    generator = torch.Generator().manual_seed(0)
+    reserved, dynamic = ReservedLayer(room=2), DynamicLayer()
+    for length in (3, 1, 1, 1, 2):  # a prefill, then steps; the room of 2 is outgrown twice
+        keys, values = torch.randn(4, 2, length, 5, generator=generator), torch.randn(4, 2, length, 7, generator=generator)
+        got, expected = reserved.update(keys, values), dynamic.update(keys, values)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    rows = torch.tensor([3, 1])
+    reserved.batch_select_indices(rows)
+    dynamic.batch_select_indices(rows)
+    keys, values = torch.randn(2, 2, 1, 5, generator=generator), torch.randn(2, 2, 1, 7, generator=generator)
+    assert all(torch.equal(a, b) for a, b in zip(reserved.update(keys, values), dynamic.update(keys, values)))
+    assert reserved.get_seq_length() == dynamic.get_seq_length() == 9
+
+
+def test_models_with_other_cache_layers_keep_the_cache_transformers_builds():
+    from transformers import LlamaConfig, MistralConfig
+
+    from loracombench.decoding import ReservedLayer, reserved_cache
+
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=50)
+    assert all(isinstance(layer, ReservedLayer) for layer in reserved_cache(LlamaConfig(**small), room=4).layers)
+    assert reserved_cache(MistralConfig(sliding_window=4, **small), room=4) is None

@@ -217,8 +217,12 @@ def greedy_tokens(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens:
     new_tokens: list[list[int]] = [[] for _ in prompt_ids]
     going = list(range(len(prompt_ids)))
     mask, positions = batch["attention_mask"], batch["position_ids"][:, -1:]
+    from .decoding import few_row_linear, reserved_cache
+
     with autocast(device, dtype):
-        out = model(**batch, use_cache=True, logits_to_keep=1)
+        out = model(**batch, use_cache=True, logits_to_keep=1,
+                    cache=reserved_cache(model.config, room=max_new_tokens))
+    decoding = few_row_linear(device)
     for step in range(max_new_tokens):
         chosen = out.logits[:, -1].argmax(dim=-1)
         for row, token in zip(going, chosen.tolist()):
@@ -233,7 +237,7 @@ def greedy_tokens(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens:
             going, mask, positions, chosen = [going[k] for k in still], mask[keep], positions[keep], chosen[keep]
         mask = torch.cat([mask, mask.new_ones(len(going), 1)], dim=1)
         positions = positions + 1
-        with autocast(device, dtype):
+        with autocast(device, dtype), decoding:
             out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
                         use_cache=True)
     return new_tokens
