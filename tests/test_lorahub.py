@@ -150,6 +150,10 @@ def test_search_stays_within_the_bounds():
     ({"bounds": [0.5, 1.5]}, r"bounds must be \[low, high\] .* got \[0.5, 1.5\]"),
     ({"bounds": [1.0]}, r"bounds must be"),
     ({"weights": [1, 1]}, r"unknown parameter\(s\) \['weights'\]; valid: \['bounds', 'budget'"),
+    ({"grid": []}, r"grid must be null or a list of distinct finite numbers .* got \[\]"),
+    ({"grid": [0, 0.5, 0.5]}, r"grid must be null or a list of distinct finite numbers"),
+    ({"grid": [0, float("nan")]}, r"grid must be null or a list of distinct finite numbers"),
+    ({"grid": 1.0}, r"grid must be null or a list"),
 ])
 def test_bad_parameters_give_one_clear_error(params, message):
     with pytest.raises(ValueError, match=message):
@@ -210,3 +214,31 @@ def test_the_same_seed_gives_the_same_weights_and_trajectory(tmp_path, experts, 
     assert runs[0][2]["best_weights"] == runs[1][2]["best_weights"]
     assert trajectories[0]["candidates"] == trajectories[1]["candidates"]
     assert len({json.dumps(c["weights"]) for c in trajectories[0]["candidates"]}) > 1  # it did search
+
+
+def test_the_grid_is_scored_on_the_search_objective_and_ranks_the_result(tmp_path, experts, shared):
+    _, out, metadata = build(tmp_path, experts, shared, variant="exact", budget=6, n_validation=2, grid=[0, 1])
+    trajectory = json.loads((out / TRAJECTORY_FILE).read_text())
+    grid = trajectory["grid"]
+    assert [p["weights"] for p in grid] == [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    # Each point's loss is the objective the search minimised, measured afresh on that combination;
+    # the point (0, 0) is the search's own start, so it is among the candidates with the same loss.
+    rows = {t: r[:2] for t, r in VALIDATION.items()}
+    modules = {name: [adapters.read_adapter(p).factors[name] for p in experts.values()]
+               for name in adapters.read_adapter(out / "adapter").factors}
+    with shared.borrowed() as loaded:
+        adapters.write_factors(tmp_path / "point", combine_modules("exact", modules, [1.0, 0.0]),
+                               {k: v for k, v in adapters.read_adapter(experts["ag_news"]).config.items()
+                                if k != "auto_mapping"}, {"kind": "test"})
+        model = adapters.apply_adapter(loaded, tmp_path / "point").eval()
+        try:
+            measured = ValidationLoss(loaded.tokenizer, rows, model_device(model))(model)
+        finally:
+            model.unload()
+    assert grid[2]["cross_entropy"] == pytest.approx(measured, rel=1e-5)
+    assert grid[2]["loss"] == pytest.approx(measured + l1_penalty([1.0, 0.0]), rel=1e-5)
+    assert grid[0]["loss"] == pytest.approx(trajectory["candidates"][0]["loss"], rel=1e-6)
+    expected_rank = sum(p["loss"] <= metadata["best_loss"] for p in grid) / 4
+    assert metadata["grid_rank"] == trajectory["grid_rank"] == expected_rank
+    assert "grid" not in json.loads((build(tmp_path / "off", experts, shared, budget=2, n_validation=2)[1]
+                                     / TRAJECTORY_FILE).read_text())

@@ -28,10 +28,16 @@ Where this differs from the reference code:
 - The seed fixes nevergrad's random state explicitly (the reference seeds numpy globally).
 
 Candidates are scored in memory on the borrowed base (LoraHub.search_on), without a folder each.
+
+`grid` (off by default) also measures this loss at every point of a weight grid, e.g. the
+task-arithmetic sweep's {0, 0.5, 1, 1.5}², after the search: the search can then be judged on
+its own objective (`grid_rank`: the share of grid points whose loss is at least as low as the
+result's), beside the sweep's judgement on its validation criterion (the run's placed.json).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import tempfile
@@ -95,6 +101,12 @@ def l1_penalty(weights) -> float:
     return L1_STRENGTH * sum(abs(float(w)) for w in weights) / len(weights)
 
 
+def regularised(cross_entropy: float, weights) -> float:
+    """The searched loss; infinite for a diverged (NaN) cross-entropy, which would compare false
+    with everything and could end up "best"."""
+    return cross_entropy + l1_penalty(weights) if math.isfinite(cross_entropy) else math.inf
+
+
 # ---------------------------------------------------------------- the search
 
 @dataclass
@@ -122,9 +134,8 @@ def search_weights(cross_entropy: Callable[[list[float]], float], n_experts: int
     def objective(array) -> float:
         weights = [float(w) for w in array]
         value = float(cross_entropy(weights))
-        # A diverged candidate (NaN) would compare false with everything and could end up "best".
-        loss = value + l1_penalty(weights) if math.isfinite(value) else math.inf
-        candidates.append({"index": len(candidates), "weights": weights, "cross_entropy": value, "loss": loss})
+        candidates.append({"index": len(candidates), "weights": weights, "cross_entropy": value,
+                           "loss": regularised(value, weights)})
         return candidates[-1]["loss"]
 
     with warnings.catch_warnings():
@@ -190,7 +201,8 @@ class LoraHub(Composition):
     name = "lorahub"
     paper = "Huang et al. 2023, 'LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition', " \
             "arXiv:2307.13269"
-    DEFAULTS = {"variant": "faithful", "seed": 0, "budget": 40, "n_validation": 5, "bounds": [-1.5, 1.5]}
+    DEFAULTS = {"variant": "faithful", "seed": 0, "budget": 40, "n_validation": 5, "bounds": [-1.5, 1.5],
+                "grid": None}
 
     def __init__(self, **params):
         self.params = check_params(self.name, params, self.DEFAULTS)
@@ -215,23 +227,27 @@ class LoraHub(Composition):
         metadata = {"kind": "lorahub", "variant": self.params["variant"], "base_model": experts[0].fingerprint,
                     "sources": [{"task": task, "path": str(path)} for task, path in inputs.experts.items()]}
         with inputs.borrow_base() as loaded:
-            search = self.search_on(loaded, combine, rows, template, metadata, out_dir)
+            search, grid = self.search_on(loaded, combine, rows, template, metadata, out_dir)
         best_weights = dict(zip(inputs.experts, search.best["weights"]))
         adapters.write_factors(out_dir / ADAPTER_DIR, combine(search.best["weights"]), template,
                                {**metadata, "weights": best_weights})
         summary = {"best_weights": best_weights, "best_loss": search.best["loss"],
                    "best_cross_entropy": search.best["cross_entropy"], "evaluations": len(search.candidates),
                    "optimizer": search.optimizer, "seconds": round(time.time() - started, 2)}
+        if grid is not None:
+            summary["grid_rank"] = grid_rank(search.best["loss"], grid)
         io.write_json(out_dir / TRAJECTORY_FILE, {
             "params": self.params, "tasks": list(inputs.experts), "l1_strength": L1_STRENGTH,
             "n_validation": {task: len(task_rows) for task, task_rows in rows.items()}, **summary,
-            "best": search.best, "recommendation": search.recommendation, "candidates": search.candidates})
+            "best": search.best, "recommendation": search.recommendation, "candidates": search.candidates,
+            **({"grid": grid} if grid is not None else {})})
         return summary
 
     def search_on(self, loaded, combine, rows: dict[str, list[dict]], template: dict, metadata: dict,
-                  out_dir: Path) -> Search:
-        """The search on the borrowed base: one adapter folder of the combined shapes is loaded once
-        into PEFT layers, and each candidate only overwrites their factors."""
+                  out_dir: Path) -> tuple[Search, list[dict] | None]:
+        """The search on the borrowed base, then the loss at the grid's points if one is asked for:
+        one adapter folder of the combined shapes is loaded once into PEFT layers, and each
+        candidate only overwrites their factors."""
         n_experts = len(metadata["sources"])
         with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
             adapters.write_factors(Path(scratch) / "candidate", combine([0.0] * n_experts), template, metadata)
@@ -243,8 +259,10 @@ class LoraHub(Composition):
                 load_factors(model, combine(weights))
                 return loss(model)
 
-            return search_weights(cross_entropy, n_experts, self.params["budget"], tuple(self.params["bounds"]),
-                                  self.params["seed"])
+            search = search_weights(cross_entropy, n_experts, self.params["budget"], tuple(self.params["bounds"]),
+                                    self.params["seed"])
+            grid = None if self.params["grid"] is None else score_grid(cross_entropy, self.params["grid"], n_experts)
+            return search, grid
         finally:
             # The borrow restores the weights; unload() also drops the peft_config PEFT leaves on the
             # base, which would make the next adapter loaded on it warn of "multiple adapters".
@@ -259,6 +277,20 @@ class LoraHub(Composition):
             raise LoraHubError(f"lorahub needs {self.params['n_validation']} validation rows per task; none for "
                                f"{', '.join(missing)} (given for: {', '.join(sorted(inputs.validation)) or 'no task'})")
         return {task: inputs.validation[task][: self.params["n_validation"]] for task in inputs.experts}
+
+
+def score_grid(cross_entropy: Callable[[list[float]], float], values: list[float], n_experts: int) -> list[dict]:
+    """LoraHub's loss at every point of the grid whose axes each take `values`, in grid order."""
+    points = []
+    for weights in itertools.product([float(v) for v in values], repeat=n_experts):
+        value = float(cross_entropy(list(weights)))
+        points.append({"weights": list(weights), "cross_entropy": value, "loss": regularised(value, weights)})
+    return points
+
+
+def grid_rank(loss: float, grid: list[dict]) -> float:
+    """The share of grid points whose loss is at most `loss` (0: lower than every point)."""
+    return sum(point["loss"] <= loss for point in grid) / len(grid)
 
 
 def parameter_problem(params: dict) -> str | None:
@@ -279,4 +311,10 @@ def parameter_problem(params: dict) -> str | None:
             or not bounds[0] <= 0 <= bounds[1] or bounds[0] == bounds[1]):
         return f"bounds must be [low, high] with finite low <= 0 <= high and low < high (the search starts at 0), " \
                f"got {bounds!r}"
+    grid = params["grid"]
+    if grid is not None and (
+            not isinstance(grid, (list, tuple)) or not grid
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in grid)
+            or len(set(grid)) != len(grid)):
+        return f"grid must be null or a list of distinct finite numbers (each expert's weight values), got {grid!r}"
     return None
