@@ -295,6 +295,21 @@ def test_models_named_in_compare_with_are_comparators_too(tmp_path):
     assert md_rows((run / "results.md").read_text(), "merge: average", "merge: ties", "AG News acc")[3] == "0.0625"
 
 
+def test_compare_with_names_a_composition_by_its_label_and_a_merge_by_its_merge_label(tmp_path):
+    from loracombench import io
+
+    run = tmp_path / "run"
+    write_run(run, seeds=(0,))
+    write_model(run, "router", "composition", 0,
+                {"ag_news": ag_news_result(span(9)), "gsm8k": gsm8k_result(0.1, {0})})
+    io.write_json(run / "config.json", {"compare_with": ["router", "ties"]})
+    build_report(run)
+    pairs = {(r["model"], r["comparator"]) for r in read_csv(run) if r["statistic"] == "difference"}
+    assert {("merge: average", "router"), ("merge: average", "merge: ties"), ("router", "merge: ties"),
+            ("merge: ties", "router")} <= pairs
+    assert not any(comparator in ("ties", "merge: router") for _, comparator in pairs)
+
+
 def test_compare_with_must_name_a_merge_or_composition_of_the_config():
     from loracombench.config import ConfigError, load_config
 

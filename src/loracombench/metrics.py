@@ -87,6 +87,12 @@ def confusion_matrix(gold: list[int], predicted: list[int], class_names: list[st
     return {"classes": [name.strip() for name in class_names], "counts": counts}
 
 
+def model_label(name: str, kind: str) -> str:
+    """What a result's model.label calls a merge or composition configured as `name`: static
+    merges are prefixed "merge: " so that a table tells them from compositions of the same name."""
+    return f"merge: {name}" if kind == "merge" else name
+
+
 def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metrics: dict,
                   primary_metric: str, chance: float, config: dict | None = None,
                   elapsed_s: float | None = None, details: dict | None = None) -> dict:

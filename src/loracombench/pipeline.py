@@ -261,8 +261,8 @@ class Experiment:
         recorded = io.read_json(cell.folder / COMPOSITION_FILE)
         static = isinstance(composition, StaticMerge)
         error = ((recorded.get("metadata") or {}).get("info") or {}).get("max_relative_error")
-        return ModelEntry(f"{'merge' if static else 'compose'}_{name}_seed{seed}",
-                          f"merge: {name}" if static else name, "merge" if static else "composition",
+        kind = "merge" if static else "composition"
+        return ModelEntry(f"{'merge' if static else 'compose'}_{name}_seed{seed}", metrics.model_label(name, kind), kind,
                           cell.output_key(composition.artefacts), lambda: composition.load(cell.folder), seed,
                           error or None,
                           recorded["needs_summary"])

@@ -46,7 +46,7 @@ CURRENT_RESULTS = "current_results.json"
 CURRENT_SCHEMA = "loracombench.current-results/1"
 KIND_ORDER = {"base": 0, "expert": 1, "merge": 2, "baseline": 3}
 NOT_COMPOSED = ("base", "expert", "baseline")
-AVERAGE_LABEL = "merge: average"
+AVERAGE_LABEL = metrics.model_label("average", "merge")
 ALPHA = 0.05
 CSV_COLUMNS = ["statistic", "model", "kind", "seed", "task", "split", "metric", "comparator", "value",
                "ci_low", "ci_high", "n", "interval", "std", "n_seeds", "test", "p", "p_holm", "survives_holm",
@@ -326,7 +326,8 @@ def comparators(record: dict, records: list[dict], compare_with: tuple[str, ...]
     average = [r for r in same if r["model"]["label"] == AVERAGE_LABEL]
     experts = sorted((r for r in same if r["model"].get("kind") == "expert"), key=lambda r: r["model"]["label"])
     named = [r for name in compare_with for r in same
-             if r["model"]["label"] in (name, f"merge: {name}") and r["model"]["label"] != AVERAGE_LABEL]
+             if r["model"]["label"] == metrics.model_label(name, r["model"].get("kind", ""))
+             and r["model"]["label"] != AVERAGE_LABEL]
     return average + experts + named
 
 
