@@ -217,7 +217,7 @@ def test_few_row_linear_is_f_linear_summed_another_way_and_leaves_many_rows_alon
         assert torch.equal(torch.nn.functional.linear(many, weight, bias), expected)
 
 
-def test_a_reserved_cache_layer_holds_what_a_dynamic_layer_holds_through_growth_and_row_selection():
+def test_a_reserved_cache_layer_holds_what_a_dynamic_layer_holds_through_growth_rows_and_crops():
     from transformers.cache_utils import DynamicLayer
 
     from loracombench.decoding import ReservedLayer
@@ -229,11 +229,15 @@ def test_a_reserved_cache_layer_holds_what_a_dynamic_layer_holds_through_growth_
         got, expected = reserved.update(keys, values), dynamic.update(keys, values)
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
     rows = torch.tensor([3, 1])
-    reserved.batch_select_indices(rows)
-    dynamic.batch_select_indices(rows)
-    keys, values = torch.randn(2, 2, 1, 5, generator=generator), torch.randn(2, 2, 1, 7, generator=generator)
+    for layer in (reserved, dynamic):
+        layer.batch_select_indices(rows)
+        layer.crop(-2)
+        layer.batch_repeat_interleave(3)
+    keys, values = torch.randn(6, 2, 1, 5, generator=generator), torch.randn(6, 2, 1, 7, generator=generator)
     assert all(torch.equal(a, b) for a, b in zip(reserved.update(keys, values), dynamic.update(keys, values)))
-    assert reserved.get_seq_length() == dynamic.get_seq_length() == 9
+    assert reserved.get_seq_length() == dynamic.get_seq_length() == 7
+    with pytest.raises(ValueError, match="negative number"):
+        reserved.crop(1)
 
 
 def test_models_with_other_cache_layers_keep_the_cache_transformers_builds():

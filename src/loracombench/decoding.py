@@ -71,8 +71,7 @@ class ReservedLayer(DynamicLayer):
             self.value_room = self.grown(self.value_room, end)
         self.key_room[:, :, self.filled: end] = key_states
         self.value_room[:, :, self.filled: end] = value_states
-        self.filled = end
-        self.keys, self.values = self.key_room[:, :, :end], self.value_room[:, :, :end]
+        self.show(end)
         return self.keys, self.values
 
     def grown(self, room: torch.Tensor, needed: int) -> torch.Tensor:
@@ -83,13 +82,25 @@ class ReservedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
             self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
-            self.keys, self.values = self.key_room[:, :, : self.filled], self.value_room[:, :, : self.filled]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("ReservedLayer is for greedy decoding, which never crops")
+            self.show(self.filled)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("ReservedLayer is for greedy decoding, which never repeats rows")
+        if self.is_initialized:
+            self.key_room = self.key_room.repeat_interleave(repeats, dim=0)
+            self.value_room = self.value_room.repeat_interleave(repeats, dim=0)
+            self.show(self.filled)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """As DynamicLayer.crop: a negative count drops that many positions from the end."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of positions to remove, got {tokens_to_remove}")
+        if tokens_to_remove and self.is_initialized:
+            self.show(max(self.filled + tokens_to_remove, 0))
+
+    def show(self, filled: int) -> None:
+        """Make the first `filled` positions of the room the layer's keys and values."""
+        self.filled = filled
+        self.keys, self.values = self.key_room[:, :, :filled], self.value_room[:, :, :filled]
 
 
 def reserved_cache(config, room: int) -> DynamicCache | None:
