@@ -225,7 +225,8 @@ def test_a_reserved_cache_layer_holds_what_a_dynamic_layer_holds_through_growth_
     generator = torch.Generator().manual_seed(0)
     reserved, dynamic = ReservedLayer(room=2), DynamicLayer()
     for length in (3, 1, 1, 1, 2):  # a prefill, then steps; the room of 2 is outgrown twice
-        keys, values = torch.randn(4, 2, length, 5, generator=generator), torch.randn(4, 2, length, 7, generator=generator)
+        keys = torch.randn(4, 2, length, 5, generator=generator)
+        values = torch.randn(4, 2, length, 7, generator=generator)
         got, expected = reserved.update(keys, values), dynamic.update(keys, values)
         assert all(torch.equal(a, b) for a, b in zip(got, expected))
     rows = torch.tensor([3, 1])

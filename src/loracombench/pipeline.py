@@ -262,8 +262,8 @@ class Experiment:
         static = isinstance(composition, StaticMerge)
         error = ((recorded.get("metadata") or {}).get("info") or {}).get("max_relative_error")
         kind = "merge" if static else "composition"
-        return ModelEntry(f"{'merge' if static else 'compose'}_{name}_seed{seed}", metrics.model_label(name, kind), kind,
-                          cell.output_key(composition.artefacts), lambda: composition.load(cell.folder), seed,
+        return ModelEntry(f"{'merge' if static else 'compose'}_{name}_seed{seed}", metrics.model_label(name, kind),
+                          kind, cell.output_key(composition.artefacts), lambda: composition.load(cell.folder), seed,
                           error or None,
                           recorded["needs_summary"])
 

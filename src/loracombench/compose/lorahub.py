@@ -255,9 +255,15 @@ class LoraHub(Composition):
         try:
             loss = ValidationLoss(loaded.tokenizer, rows, model_device(model))
 
+            measured: dict[tuple, float] = {}
+
             def cross_entropy(weights: list[float]) -> float:
-                load_factors(model, combine(weights))
-                return loss(model)
+                # The loss is deterministic, so a grid point the search already tried (its start
+                # at 0 always is one) is not run again.
+                if tuple(weights) not in measured:
+                    load_factors(model, combine(weights))
+                    measured[tuple(weights)] = loss(model)
+                return measured[tuple(weights)]
 
             search = search_weights(cross_entropy, n_experts, self.params["budget"], tuple(self.params["bounds"]),
                                     self.params["seed"])
