@@ -121,7 +121,7 @@ def test_saved_adapter_is_the_trained_model(experts, shared, tmp_path):
     with fitted.cat.attached(shared.loaded.model) as model:
         trained = logits(model)
     composed = soups.load(tmp_path)
-    with composed.open(composed.assign(get_task("ag_news"), PROMPTS[:1])[0], shared) as model:
+    with composed.open(composed.assign(get_task("ag_news"), PROMPTS[:1], shared)[0], shared) as model:
         torch.testing.assert_close(logits(model), trained, rtol=1e-5, atol=1e-5)
     # Folded factors: Σᵢ αᵢ·sᵢ·BᵢAᵢ per module, with the α saved beside them.
     weights, saved = read_json(tmp_path / WEIGHTS_FILE), adapters.read_adapter(tmp_path / ADAPTER_DIR)

@@ -87,12 +87,12 @@ def classifier(experts, tmp_path_factory):
     return built("route_classifier", {}, inputs, tmp_path_factory.mktemp("built") / "route_classifier")
 
 
-def test_classifier_router_routes_held_out_prompts_to_their_task(classifier):
+def test_classifier_router_routes_held_out_prompts_to_their_task(classifier, shared):
     composed, metadata = classifier
     held_out = {"ag_news": news(12, offset=100), "gsm8k": problems(12, offset=100)}
     for name, rows in held_out.items():
         task = get_task(name)
-        assert composed.assign(task, [task.prompt(r) for r in rows]) == [name] * len(rows)
+        assert composed.assign(task, [task.prompt(r) for r in rows], shared) == [name] * len(rows)
         assert composed.expected_route(task) == name
     assert metadata["n_prompts"] == {"ag_news": 20, "gsm8k": 20}
     assert metadata["cv_folds"] == 5 and metadata["cv_accuracy"] == 1.0
@@ -100,18 +100,18 @@ def test_classifier_router_routes_held_out_prompts_to_their_task(classifier):
     assert get_composition("route_classifier").needs().router_training
 
 
-def test_classifier_routes_ignore_the_task_argument_and_each_prompt_is_decided_alone(classifier):
+def test_classifier_routes_ignore_the_task_argument_and_each_prompt_is_decided_alone(classifier, shared):
     composed, _ = classifier
     stream = [AG_NEWS.prompt(r) for r in news(6, 50)] + [GSM8K.prompt(r) for r in problems(6, 50)]
     random.Random(0).shuffle(stream)
-    routes = composed.assign(None, stream)
+    routes = composed.assign(None, stream, shared)
     assert set(routes) == {"ag_news", "gsm8k"}
     for task in (AG_NEWS, GSM8K, object()):
-        assert composed.assign(task, stream) == routes
-    assert [composed.assign(None, [prompt])[0] for prompt in stream] == routes
+        assert composed.assign(task, stream, shared) == routes
+    assert [composed.assign(None, [prompt], shared)[0] for prompt in stream] == routes
     order = list(range(len(stream)))
     random.Random(1).shuffle(order)
-    assert composed.assign(None, [stream[i] for i in order]) == [routes[i] for i in order]
+    assert composed.assign(None, [stream[i] for i in order], shared) == [routes[i] for i in order]
 
 
 def test_stored_router_scores_exactly_as_fitted_and_no_file_is_a_pickle(tmp_path):
@@ -181,7 +181,7 @@ def test_arrow_runs_end_to_end_and_leaves_the_base_exactly_as_it_was(experts, sh
     before, weights = logits(model), {n: p.clone() for n, p in model.named_parameters()}
     rows = news(8, 300)
     first = predictions(composed, shared, AG_NEWS, rows, tmp_path / "first")
-    assert composed.assign(None, [AG_NEWS.prompt(r) for r in rows]) == ["model"] * 8
+    assert composed.assign(None, [AG_NEWS.prompt(r) for r in rows], shared) == ["model"] * 8
     assert torch.equal(logits(model), before)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules()) and not hasattr(model, "peft_config")
@@ -263,3 +263,115 @@ def test_arrow_refuses_experts_it_cannot_stack(experts, shared, tmp_path):
         composition.build(BuildInputs(experts={"ag_news": experts["ag_news"], "q_only": q_only}, seed=0), tmp_path)
     with pytest.raises(ValueError, match="needs at least one expert"):
         composition.build(BuildInputs(experts={}, seed=0), tmp_path)
+
+
+# ---------------------------------------------------------------- route_arrow_sequence
+
+def sequence_router(experts: dict, folder):
+    return built("route_arrow_sequence", {}, BuildInputs(experts=experts, seed=0), folder)
+
+
+def base_inputs(shared, modules, prompt) -> dict[str, torch.Tensor]:
+    """Each module's input on the base model, captured by the test's own hooks."""
+    captured = {}
+    model = shared.loaded.model
+    hooks = [model.get_submodule(m).register_forward_hook(lambda mod, args, out, m=m: captured.update({m: args[0][0]}))
+             for m in modules]
+    with torch.no_grad():
+        model(torch.tensor([shared.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]]))
+    for hook in hooks:
+        hook.remove()
+    return captured
+
+
+def test_arrow_sequence_votes_are_top1_arrow_choices_of_the_dense_updates(experts, shared, tmp_path):
+    composed, metadata = sequence_router(experts, tmp_path / "seq")
+    read = {task: adapters.read_adapter(path) for task, path in experts.items()}
+    modules = sorted(read["ag_news"].factors)
+    assert metadata["modules"] == len(modules) and metadata["modules_without_update"] == {"ag_news": 0, "gsm8k": 0}
+    # the prototype is the top right singular vector of the dense update, up to its sign
+    dense = {m: [torch.linalg.svd(read[t].factors[m].delta_weight().double())[2][0].float() for t in read]
+             for m in modules}
+    for m in modules:
+        for stored, expected in zip(composed.prototypes[m], dense[m]):
+            torch.testing.assert_close(stored.abs(), expected.abs(), rtol=1e-4, atol=1e-5)
+    routes = []
+    for row in news(3, 400) + problems(3, 400):
+        prompt = (AG_NEWS if "text" in row else GSM8K).prompt(row)
+        inputs = base_inputs(shared, modules, prompt)
+        counts = torch.zeros(2, dtype=torch.long)
+        for m in modules:
+            counts += torch.bincount((inputs[m] @ torch.stack(dense[m]).T).abs().argmax(1), minlength=2)
+        assert torch.equal(composed.vote(shared.loaded, prompt), counts)
+        assert counts.sum() == len(modules) * inputs[modules[0]].shape[0]  # one vote per token and layer
+        routes.append(["ag_news", "gsm8k"][int(counts.argmax())])
+    stream = [AG_NEWS.prompt(r) for r in news(3, 400)] + [GSM8K.prompt(r) for r in problems(3, 400)]
+    assert composed.assign(None, stream, shared) == routes
+
+
+def test_arrow_sequence_decides_each_prompt_alone_and_leaves_the_base_as_it_was(experts, shared, tmp_path):
+    composed, _ = sequence_router(experts, tmp_path / "seq")
+    model = shared.loaded.model
+    before = logits(model)
+    stream = [AG_NEWS.prompt(r) for r in news(5, 500)] + [GSM8K.prompt(r) for r in problems(5, 500)]
+    random.Random(2).shuffle(stream)
+    routes = composed.assign(None, stream, shared)
+    assert set(routes) == {"ag_news", "gsm8k"}, "the fixture should route prompts to both experts"
+    for task in (AG_NEWS, GSM8K):
+        assert composed.assign(task, stream, shared) == routes
+    assert [composed.assign(None, [prompt], shared)[0] for prompt in stream] == routes
+    assert composed.assign(None, stream[::-1], shared) == routes[::-1]
+    assert torch.equal(logits(model), before)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_arrow_sequence_scores_each_row_exactly_as_the_expert_it_routes_to(experts, shared, tmp_path):
+    composed, _ = sequence_router(experts, tmp_path / "seq")
+    rows = news(12, 600)
+    routes = composed.assign(AG_NEWS, [AG_NEWS.prompt(r) for r in rows], shared)
+    assert set(routes) == {"ag_news", "gsm8k"}
+    routed = predictions(composed, shared, AG_NEWS, rows, tmp_path / "routed")
+    record = metrics.read_result(tmp_path / "routed")
+    assert record["metrics"]["routing_accuracy"]["value"] == routes.count("ag_news") / len(rows)
+    for expert in ("ag_news", "gsm8k"):
+        picked = [i for i, route in enumerate(routes) if route == expert]
+        alone = predictions(OneModel(experts[expert]), shared, AG_NEWS, [rows[i] for i in picked], tmp_path / expert)
+        assert [routed[i] for i in picked] == [{**p, "index": i} for p, i in zip(alone, picked)]
+
+
+def test_arrow_sequence_ties_go_to_the_first_expert_and_a_silent_module_never_votes(experts, shared, tmp_path):
+    copies, _ = sequence_router({"first": experts["gsm8k"], "second": experts["gsm8k"]}, tmp_path / "copies")
+    stream = [AG_NEWS.prompt(r) for r in news(3, 700)] + [GSM8K.prompt(r) for r in problems(3, 700)]
+    assert copies.assign(None, stream, shared) == ["first"] * 6
+    assert copies.vote(shared.loaded, stream[0])[1] == 0  # every token's tie went to the first
+    read = adapters.read_adapter(experts["ag_news"])
+    silent_factors = {m: LoraFactors(f.lora_A, torch.zeros_like(f.lora_B)) if "layers.0." in m else f
+                      for m, f in read.factors.items()}
+    template = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": shared.loaded.name}
+    silent = adapters.write_factors(tmp_path / "silent", silent_factors, template,
+                                    {"kind": "random", "base_model": shared.loaded.fingerprint})
+    composed, metadata = sequence_router({"gsm8k": experts["gsm8k"], "silent": silent}, tmp_path / "with_silent")
+    assert metadata["modules_without_update"] == {"gsm8k": 0, "silent": 2}
+    layer0 = [m for m in composed.prototypes if "layers.0." in m]
+    assert all(not composed.prototypes[m][1].any() for m in layer0)
+
+
+def test_arrow_sequence_declares_its_pass_and_refuses_what_it_cannot_route(experts, shared, tmp_path):
+    composition = get_composition("route_arrow_sequence")
+    assert composition.needs().routing_forward and composition.needs().summary() == "a base pass per prompt"
+    with pytest.raises(ValueError, match=r"takes no parameters, got \['top_k'\]"):
+        get_composition("route_arrow_sequence", {"top_k": 1})
+    with pytest.raises(ValueError, match=r"at least two experts, got \['ag_news'\]"):
+        composition.build(BuildInputs(experts={"ag_news": experts["ag_news"]}, seed=0), tmp_path)
+    q_only = random_expert(tmp_path / "q_only", shared.loaded, seed=5, modules=("q_proj",))
+    with pytest.raises(ValueError, match=r"ag_news and q_only adapt different modules"):
+        composition.build(BuildInputs(experts={"ag_news": experts["ag_news"], "q_only": q_only}, seed=0), tmp_path)
+    # unlike PEFT's Arrow it compares one vector per expert, so the ranks may differ
+    rank8 = random_expert(tmp_path / "rank8", shared.loaded, seed=4, rank=8)
+    (tmp_path / "mixed").mkdir()
+    composition.build(BuildInputs(experts={"ag_news": experts["ag_news"], "wide": rank8}, seed=0), tmp_path / "mixed")
+    assert len(composition.load(tmp_path / "mixed").assign(None, [AG_NEWS.prompt(news(1)[0])], shared)) == 1
+    settings = tmp_path / "mixed" / "arrow_sequence.json"
+    settings.write_text(settings.read_text().replace('"wide"', '"narrow"'))
+    with pytest.raises(ValueError, match=r"names the experts \['ag_news', 'narrow'\], experts.json \['ag_news', 'wide'\]"):
+        composition.load(tmp_path / "mixed")

@@ -310,7 +310,7 @@ def evaluate_composed(composed, shared, task: Task, rows: list[dict], config: Ev
     names the route each task should take."""
     started = time.time()
     _check_rows(task, rows)
-    routes = composed.assign(task, [task.prompt(r) for r in rows])
+    routes = composed.assign(task, [task.prompt(r) for r in rows], shared)
     predict, _ = SCORERS[task.kind]
     predictions: list[dict | None] = [None] * len(rows)
     for route in dict.fromkeys(routes):

@@ -6,6 +6,7 @@ trained combinations are others. A new method is one module here plus one `regis
 from __future__ import annotations
 
 from .arrow_router import ArrowRouting
+from .arrow_sequence_router import ArrowSequenceRouting
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
 from .classifier_router import ClassifierRouting
 from .lorahub import LoraHub
@@ -38,6 +39,7 @@ register(StaticMerge)
 register(OracleRouting)
 register(ClassifierRouting)
 register(ArrowRouting)
+register(ArrowSequenceRouting)
 register(LoraHub)
 register(Multitask)
 register(LoraSoups)

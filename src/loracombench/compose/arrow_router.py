@@ -70,7 +70,7 @@ class ArrowModel(Composed):
     def __init__(self, experts: dict[str, Path], settings: dict):
         self.experts, self.settings = experts, settings
 
-    def assign(self, task, prompts: list[str]) -> list[str]:
+    def assign(self, task, prompts: list[str], shared) -> list[str]:
         return [ONLY_ROUTE] * len(prompts)
 
     @contextlib.contextmanager
@@ -92,8 +92,9 @@ class ArrowModel(Composed):
                     del loaded.model.peft_config
 
 
-def check_routable(name: str, experts: dict[str, Path]) -> None:
-    """Arrow stacks the experts' factors layer by layer: same base, same modules, same ranks."""
+def check_same_modules(name: str, experts: dict[str, Path]) -> dict:
+    """The experts read (task -> adapters.Adapter), refused unless they share base and modules:
+    Arrow compares the experts layer by layer."""
     if not experts:
         raise ValueError(f"composition {name!r} needs at least one expert")
     loaded = {task: adapters.read_adapter(path) for task, path in experts.items()}
@@ -104,6 +105,14 @@ def check_routable(name: str, experts: dict[str, Path]) -> None:
         if differing:
             raise ValueError(f"composition {name!r}: the experts of {first} and {task} adapt different modules "
                              f"(e.g. {differing[0]}); Arrow needs the same modules in every expert")
+    return loaded
+
+
+def check_routable(name: str, experts: dict[str, Path]) -> None:
+    """PEFT's Arrow stacks the experts' factors layer by layer: same base, same modules, same ranks."""
+    loaded = check_same_modules(name, experts)
+    (first, reference), *others = loaded.items()
+    for task, adapter in others:
         ranks = {m: (f.rank, adapter.factors[m].rank) for m, f in reference.factors.items()
                  if f.rank != adapter.factors[m].rank}
         if ranks:

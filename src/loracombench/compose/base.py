@@ -30,6 +30,7 @@ class Needs:
     router_training: bool = False  # the tasks' training prompts, labelled with their task
     task_label_at_inference: bool = False  # is told each test example's task
     base_forward: bool = False  # runs the base model while building (a search, training)
+    routing_forward: bool = False  # runs the base model over each test prompt to choose its route
 
     def summary(self) -> str:
         parts = []
@@ -41,6 +42,8 @@ class Needs:
             parts.append("gradients")
         elif self.base_forward:
             parts.append("forward passes")
+        if self.routing_forward:
+            parts.append("a base pass per prompt")
         if self.task_label_at_inference:
             parts.append("task label at test")
         return ", ".join(parts) or "weights only"
@@ -70,9 +73,10 @@ class Composed(ABC):
     """What the evaluator scores: a route for every example, and the model behind each route."""
 
     @abstractmethod
-    def assign(self, task: Task, prompts: list[str]) -> list[str]:
+    def assign(self, task: Task, prompts: list[str], shared) -> list[str]:
         """The route of each prompt. Only a method whose needs() declares task_label_at_inference
-        may read `task`; any other decides from the prompt text alone."""
+        may read `task`; any other decides from the prompt text alone. `shared` is the process's
+        adapters.SharedBase, for a router that reads the base model (needs().routing_forward)."""
 
     @abstractmethod
     def open(self, route: str, shared) -> ContextManager:
@@ -89,7 +93,7 @@ class OneModel(Composed):
     def __init__(self, adapter: Path | None):
         self.adapter = adapter
 
-    def assign(self, task: Task, prompts: list[str]) -> list[str]:
+    def assign(self, task: Task, prompts: list[str], shared) -> list[str]:
         return [ONLY_ROUTE] * len(prompts)
 
     def open(self, route: str, shared) -> ContextManager:
@@ -99,11 +103,15 @@ class OneModel(Composed):
 class RoutedAdapters(Composed):
     """Each example scored by the expert its router picks (sequence-level routing)."""
 
-    def __init__(self, adapters: dict[str, Path], router: Callable[[Task, list[str]], list[str]]):
+    def __init__(self, adapters: dict[str, Path], router: Callable[[Task, list[str]], list[str]] | None):
         self.adapters, self.router = adapters, router
 
-    def assign(self, task: Task, prompts: list[str]) -> list[str]:
-        routes = list(self.router(task, prompts))
+    def routes(self, task: Task, prompts: list[str], shared) -> list[str]:
+        """The router's choices; a router that reads the base model overrides this."""
+        return self.router(task, prompts)
+
+    def assign(self, task: Task, prompts: list[str], shared) -> list[str]:
+        routes = list(self.routes(task, prompts, shared))
         unknown = sorted(set(routes) - set(self.adapters))
         if len(routes) != len(prompts) or unknown:
             raise RuntimeError(f"the router returned {len(routes)} routes for {len(prompts)} prompts, "
