@@ -373,5 +373,6 @@ def test_arrow_sequence_declares_its_pass_and_refuses_what_it_cannot_route(exper
     assert len(composition.load(tmp_path / "mixed").assign(None, [AG_NEWS.prompt(news(1)[0])], shared)) == 1
     settings = tmp_path / "mixed" / "arrow_sequence.json"
     settings.write_text(settings.read_text().replace('"wide"', '"narrow"'))
-    with pytest.raises(ValueError, match=r"names the experts \['ag_news', 'narrow'\], experts.json \['ag_news', 'wide'\]"):
+    expected = r"names the experts \['ag_news', 'narrow'\], experts.json \['ag_news', 'wide'\]"
+    with pytest.raises(ValueError, match=expected):
         composition.load(tmp_path / "mixed")

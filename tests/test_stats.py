@@ -171,3 +171,12 @@ def test_unknown_comparisons_are_rejected_with_the_valid_ones():
         ReportMetric("f1", "F1", True, "macro_f1")
     with pytest.raises(ValueError, match="needs the per-example field"):
         ReportMetric("acc", "Acc", True, "binary")
+
+
+def test_grid_share_counts_the_points_at_least_as_good_in_either_direction():
+    losses = [0.5, 0.7, 0.7, 0.9]
+    assert stats.grid_share(0.7, losses, higher_is_better=False) == 3 / 4  # ties count as at least as good
+    assert stats.grid_share(0.4, losses, higher_is_better=False) == 0.0  # better than every point
+    assert stats.grid_share(0.7, losses, higher_is_better=True) == 3 / 4
+    assert stats.grid_share(1.0, losses, higher_is_better=True) == 0.0
+    assert stats.grid_share(0.1, losses, higher_is_better=True) == 1.0

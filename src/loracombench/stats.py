@@ -241,3 +241,10 @@ def score_of(kind: str, outputs, *, gold=None, n_classes: int | None = None) -> 
     if kind == "macro_f1":
         return macro_f1_score(np.asarray(gold), np.asarray(outputs), n_classes)
     return mean_score(np.asarray(outputs, dtype=float))
+
+
+def grid_share(value: float, points: Sequence[float], higher_is_better: bool) -> float:
+    """The share of a grid's points at least as good as `value`: a grid rank, 0 when the value is
+    better than every point and at most 0.1 within the grid's best 10%."""
+    at_least_as_good = [p >= value if higher_is_better else p <= value for p in points]
+    return sum(at_least_as_good) / len(at_least_as_good)

@@ -50,7 +50,7 @@ from typing import Callable
 
 import torch
 
-from .. import adapters, io
+from .. import adapters, io, stats
 from ..evaluation import model_device
 from ..merging.average import merge_average
 from ..merging.factors import LoraFactors
@@ -235,7 +235,8 @@ class LoraHub(Composition):
                    "best_cross_entropy": search.best["cross_entropy"], "evaluations": len(search.candidates),
                    "optimizer": search.optimizer, "seconds": round(time.time() - started, 2)}
         if grid is not None:
-            summary["grid_rank"] = grid_rank(search.best["loss"], grid)
+            losses = [point["loss"] for point in grid]
+            summary["grid_rank"] = stats.grid_share(search.best["loss"], losses, higher_is_better=False)
         io.write_json(out_dir / TRAJECTORY_FILE, {
             "params": self.params, "tasks": list(inputs.experts), "l1_strength": L1_STRENGTH,
             "n_validation": {task: len(task_rows) for task, task_rows in rows.items()}, **summary,
@@ -292,11 +293,6 @@ def score_grid(cross_entropy: Callable[[list[float]], float], values: list[float
         value = float(cross_entropy(list(weights)))
         points.append({"weights": list(weights), "cross_entropy": value, "loss": regularised(value, weights)})
     return points
-
-
-def grid_rank(loss: float, grid: list[dict]) -> float:
-    """The share of grid points whose loss is at most `loss` (0: lower than every point)."""
-    return sum(point["loss"] <= loss for point in grid) / len(grid)
 
 
 def parameter_problem(params: dict) -> str | None:

@@ -161,7 +161,7 @@ def grid_rank(sweep: dict | str | Path, point_metrics: dict[str, float]) -> floa
     sweep = read_sweep(sweep)
     value = objective(point_metrics, sweep["references"], sweep["tasks_in_objective"], sweep["selection"])
     scores = [-math.inf if p["objective"] is None else p["objective"] for p in sweep["points"]]
-    return sum(score >= value for score in scores) / len(scores)
+    return stats.grid_share(value, scores, higher_is_better=True)
 
 
 def read_sweep(sweep: dict | str | Path) -> dict:
