@@ -15,7 +15,7 @@ SMOKE = {
     "train": {"epochs": 1, "batch_size": 4, "max_length": 64},
     "eval": {"n_eval": {"ag_news": 8, "gsm8k": 3}, "n_generate": 0, "max_new_tokens": 4},
 }
-COMPOSITIONS = [{"method": "route_oracle"}, {"method": "route_classifier"},
+COMPOSITIONS = [{"method": "route_oracle"}, {"method": "route_classifier"}, {"method": "route_arrow_sequence"},
                 {"method": "lorahub", "params": {"budget": 4, "n_validation": 2}},
                 {"method": "multitask"}]
 
@@ -39,12 +39,15 @@ def test_routers_searches_and_multitask_run_beside_the_merges_with_their_needs(t
     assert retention and all(float(r["value"]) == 1.0 for r in retention if r["value"])
     record = io.read_json(out / "eval" / "compose_route_classifier_seed0" / "ag_news" / "metrics.json")
     assert record["model"]["needs"] == "training prompts" and "routing_accuracy" in record["metrics"]
+    record = io.read_json(out / "eval" / "compose_route_arrow_sequence_seed0" / "gsm8k" / "metrics.json")
+    assert record["model"]["needs"] == "a base pass per prompt" and "routing_accuracy" in record["metrics"]
     report = (out / "results.md").read_text()
     assert "task label at test" in report and "val/task" in report
     capsys.readouterr()
 
     assert main(argv) == 0  # a rerun reuses every composition
     log = capsys.readouterr().out
-    for name in ("route_oracle", "route_classifier", "lorahub_budget4_n_validation2", "multitask"):
+    for name in ("route_oracle", "route_classifier", "route_arrow_sequence", "lorahub_budget4_n_validation2",
+                 "multitask"):
         assert f"compose {name} (seed 0): cached" in log
     assert not list((out / "compositions" / "seed0").glob("*.scratch"))
