@@ -251,8 +251,8 @@ def markdown_table(records: list[dict]) -> str:
     notes = ["Brackets: 95% intervals (Wilson for accuracies, bootstrap for F1 and NLL)."]
     if needs:
         notes.append("needs: what a composed model used beyond the experts' weights (validation examples per "
-                     "task, the tasks' training prompts, gradients or forward passes while building, the task "
-                     "label of each test example).")
+                     "task, the tasks' training prompts, gradients or forward passes while building, a base "
+                     "pass over each test prompt to route it, the task label of each test example).")
     if errors:
         notes.append("stored ΔW error: a compressed merge's relative Frobenius error of its stored update "
                      "against the method's exact update (max over modules); – = stored exactly.")
