@@ -29,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -113,6 +114,11 @@ class Context:
     def sample(self, task: str, split: str, n: int) -> list[dict]:
         return load_sample(task, split, n, self.args.seed, self.args.data_dir)
 
+    @cached_property
+    def peak(self) -> float:
+        """The fp32 matmul peak, measured once per bench: training and scoring are fractions of it."""
+        return matmul_peak_flops(self.args.matmul_size)
+
 
 @torch.inference_mode()
 def warm_up(loaded) -> None:
@@ -188,7 +194,7 @@ def warm_up_training(ctx: Context, settings: TrainSettings) -> None:
 
 def training_section(ctx: Context) -> dict:
     settings = ctx.train_settings()
-    peak = matmul_peak_flops(ctx.args.matmul_size)
+    peak = ctx.peak
     warm_up_training(ctx, settings)
     per_task = {task: train_one_task(ctx, task, settings) for task in TRAIN_TASKS}
     parameters = non_embedding_parameters(ctx.shared.loaded.model)
@@ -231,27 +237,54 @@ def score_each_choice(model, tokenizer, task, rows: list[dict]) -> list[list[flo
     return scores
 
 
+@contextmanager
+def counted_tokens(model):
+    """Counts the tokens the model's forward passes read, padding left out: a list whose sum is
+    the count. A pass continued from a cached prefix reads only its new tokens, the last columns
+    of its attention mask."""
+    counts: list[int] = []
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        counts.append(int(ids.numel() if mask is None else mask[:, -ids.shape[1]:].sum()))
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield counts
+    finally:
+        hook.remove()
+
+
 def scoring_section(ctx: Context) -> dict:
     args, task = ctx.args, get_task("ag_news")
     rows = ctx.sample("ag_news", "test", args.score_rows)
     tokenizer = ctx.shared.loaded.tokenizer
     label_config = EvalConfig(max_new_tokens=args.label_tokens, generate_batch_size=args.score_batch_size)
+    peak = ctx.peak
     with ctx.shared.with_adapter(None) as model:
-        ours, ours_s = timed(lambda: evaluation.score_choices(model, tokenizer, task, rows, args.score_batch_size,
-                                                              progress=False))
+        with counted_tokens(model) as counts:
+            ours, ours_s = timed(lambda: evaluation.score_choices(model, tokenizer, task, rows,
+                                                                  args.score_batch_size, progress=False))
         each, each_s = timed(lambda: score_each_choice(model, tokenizer, task, rows))
         _, generate_s = timed(lambda: evaluation.generate(model, tokenizer, [task.prompt(r) for r in rows],
                                                           label_config, ("\n",), progress=False))
     difference = max_abs_diff(ours, each)
     same = sum(a == b for a, b in zip(argmaxes(ours), argmaxes(each)))
+    # A forward pass costs 2·N per token read (the vocabulary projection, on a few positions
+    # only, is left out, as the training figure leaves it out).
+    flops = 2 * non_embedding_parameters(model) * sum(counts)
     return {"ratios": [ratio("articles/s: score_choices ÷ a forward pass per choice (lm-eval default)",
                              each_s / ours_s, Target(3)),
                        ratio("articles/s: score_choices ÷ generating the label (batched greedy)",
-                             generate_s / ours_s)],
+                             generate_s / ours_s),
+                       ratio("model FLOP/s ÷ fp32 matmul peak, score_choices", flops / ours_s / peak)],
             "agreement": {"max_abs_logprob_diff": difference, "same_prediction": same, "rows": len(rows),
                           "holds": difference < ctx.args.tolerance and same == len(rows)},
             "measured": {"articles": len(rows), "choices": len(task.choices(rows[0])),
                          "seconds": {"score_choices": ours_s, "per_choice": each_s, "generate_label": generate_s},
+                         "tokens_read": sum(counts), "forward_passes": len(counts),
+                         "model_gflops_per_s": flops / ours_s / 1e9, "matmul_peak_gflops_per_s": peak / 1e9,
                          "batch_size": args.score_batch_size, "label_tokens": args.label_tokens}}
 
 

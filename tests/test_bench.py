@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import MIRROR, needs_mirror
 
@@ -64,6 +65,34 @@ def test_training_counts_the_same_tokens_for_both_trainers(result):
     assert 0 < training["useful_tokens"] < training["processed_tokens"]
     ratio_of_rates = training["useful_tokens_per_s"]["ours"] / training["useful_tokens_per_s"]["hf_trainer_peft"]
     assert ratio_of_rates == pytest.approx(result[0]["sections"]["training"]["ratios"][0]["value"], rel=1e-3)
+
+
+def test_token_count_leaves_out_padding_and_a_cached_prefix():
+    from loracombench.batching import left_pad
+    from loracombench.evaluation import after_prefix
+    from loracombench.models import load_model
+
+    model = load_model("tiny-llama").model.eval()
+    batch = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    with bench.counted_tokens(model) as counts, torch.no_grad():
+        model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True)
+        prefix = model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True).cache
+        model(**batch)
+        model(**after_prefix(batch, prefix, 3))
+    assert counts == [3, 3, 6, 6]  # the continued batch reads its 6 new tokens, not the prefix again
+    assert not model._forward_pre_hooks
+
+
+@needs_mirror
+def test_scoring_reports_its_share_of_the_matmul_peak(result):
+    scoring = result[0]["sections"]["scoring"]
+    measured = scoring["measured"]
+    figure = next(r for r in scoring["ratios"] if r["figure"] == "model FLOP/s ÷ fp32 matmul peak, score_choices")
+    assert measured["tokens_read"] > 0 and measured["forward_passes"] >= 1
+    assert figure["value"] == pytest.approx(
+        measured["model_gflops_per_s"] / measured["matmul_peak_gflops_per_s"], rel=5e-3)  # ratio() keeps 4 decimals
+    training = result[0]["sections"]["training"]["measured"]
+    assert measured["matmul_peak_gflops_per_s"] == training["matmul_peak_gflops_per_s"]  # one peak per bench
 
 
 @needs_mirror
