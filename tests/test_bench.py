@@ -91,8 +91,6 @@ def test_scoring_reports_its_share_of_the_matmul_peak(result):
     assert measured["tokens_read"] > 0 and measured["forward_passes"] >= 1
     assert figure["value"] == pytest.approx(
         measured["model_gflops_per_s"] / measured["matmul_peak_gflops_per_s"], rel=5e-3)  # ratio() keeps 4 decimals
-    training = result[0]["sections"]["training"]["measured"]
-    assert measured["matmul_peak_gflops_per_s"] == training["matmul_peak_gflops_per_s"]  # one peak per bench
 
 
 @needs_mirror
