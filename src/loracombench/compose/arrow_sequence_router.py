@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import adapters, io
 from ..evaluation import encode, model_device
-from ..merging.ops import significant, svd_of_product
+from ..merging.ops import svd_of_product
 from .arrow_router import check_same_modules
 from .base import BuildInputs, Composed, Composition, Needs, RoutedAdapters
 from .experts import EXPERTS_FILE, load_experts, save_experts
@@ -43,9 +43,9 @@ SETTINGS_FILE = "arrow_sequence.json"
 
 def prototype(factors) -> torch.Tensor:
     """The unit top right singular vector of B·A (its sign is arbitrary: routing uses |⟨x, v⟩|);
-    zero for an update below rounding noise, whose singular vectors mean nothing."""
+    zero for a zero update (a fresh LoRA's B), which has no direction to route by."""
     _, singular, vh = svd_of_product(factors.lora_B.double(), factors.lora_A.double())
-    if not significant(singular, None, max(factors.lora_B.shape[0], factors.lora_A.shape[1]))[:1].any():
+    if not singular.numel() or singular[0] == 0:
         return torch.zeros(factors.lora_A.shape[1])
     return vh[0].float()
 
