@@ -295,9 +295,9 @@ def test_arrow_sequence_votes_are_top1_arrow_choices_of_the_dense_updates(expert
     for m in modules:
         for stored, expected in zip(composed.prototypes[m], dense[m]):
             torch.testing.assert_close(stored.abs(), expected.abs(), rtol=1e-4, atol=1e-5)
+    stream = [AG_NEWS.prompt(r) for r in news(3, 400)] + [GSM8K.prompt(r) for r in problems(3, 400)]
     routes = []
-    for row in news(3, 400) + problems(3, 400):
-        prompt = (AG_NEWS if "text" in row else GSM8K).prompt(row)
+    for prompt in stream:
         inputs = base_inputs(shared, modules, prompt)
         counts = torch.zeros(2, dtype=torch.long)
         for m in modules:
@@ -305,7 +305,6 @@ def test_arrow_sequence_votes_are_top1_arrow_choices_of_the_dense_updates(expert
         assert torch.equal(composed.vote(shared.loaded, prompt), counts)
         assert counts.sum() == len(modules) * inputs[modules[0]].shape[0]  # one vote per token and layer
         routes.append(["ag_news", "gsm8k"][int(counts.argmax())])
-    stream = [AG_NEWS.prompt(r) for r in news(3, 400)] + [GSM8K.prompt(r) for r in problems(3, 400)]
     assert composed.assign(None, stream, shared) == routes
 
 
