@@ -125,3 +125,20 @@ def test_the_registry_and_the_config_refuse_unknown_compositions_and_parameters(
         ExperimentConfig(merges=[{"method": "average", "label": "x"}], compositions=[{"method": "route_oracle",
                                                                                      "label": "x"}])
     assert ExperimentConfig(compositions=[{"method": "route_oracle"}]).compositions[0].name == "route_oracle"
+
+
+def test_only_compositions_that_use_the_target_loss_key_on_its_version(monkeypatch):
+    """LoraHub, LoRA Soups and multitask training read training.batch_loss_sum: a fix to that loss
+    (TARGET_LOSS_VERSION) must change their cache keys, and nobody else's."""
+    from loracombench import training
+    from loracombench.compose import COMPOSITIONS
+
+    required = {"static_merge": {"method": "ties"}, "weight_sweep": {"method": "ties"}}
+
+    def keys():
+        return {name: get_composition(name, required.get(name)).key() for name in COMPOSITIONS}
+
+    before = keys()
+    monkeypatch.setattr(training, "TARGET_LOSS_VERSION", training.TARGET_LOSS_VERSION + 1)
+    after = keys()
+    assert {name for name in COMPOSITIONS if after[name] != before[name]} == {"lorahub", "lora_soups", "multitask"}

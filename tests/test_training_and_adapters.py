@@ -103,16 +103,26 @@ def test_unreadable_adapters_are_refused(tmp_path):
         adapters.read_adapter(tmp_path)
 
 
+# The second row is shorter than the first one's solution, yet longer than half of it: a batch
+# cut to the last (targets + 1) positions must still hold all of its targets.
+GSM_ROWS = [{"question": "What is 1 plus 1?", "answer": "1+1=<<1+1=2>>2 and so " * 5 + "\n#### 2"},
+            {"question": "Tom has 3 apples and buys 5 more. How many now?",
+             "answer": "He has 3+5=<<3+5=8>>8 apples.\n#### 8"}]
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_left_padded_target_only_loss_equals_the_plain_loss(name):
-    """The training batch (left padding, logits for the target positions only) computes exactly
-    the mean cross-entropy of the target tokens that one-example-at-a-time full logits give."""
+@pytest.mark.parametrize("task_name, rows, max_length", [
+    ("ag_news", [{"text": "a short one", "label": 1}, {"text": "a much longer article " * 5, "label": 3}], 128),
+    ("gsm8k", GSM_ROWS, 128), ("gsm8k", GSM_ROWS, 45)])  # 45 cuts the first solution short
+def test_left_padded_target_only_loss_equals_the_plain_loss(name, task_name, rows, max_length):
+    """The training batch (left padding, logits for the last positions only) computes exactly the
+    summed cross-entropy of the target tokens that one-example-at-a-time full logits give."""
     from loracombench.training import batch_loss_sum, collate
 
     loaded = load_model(name)
-    task = get_task("ag_news")
-    rows = [{"text": "a short one", "label": 1}, {"text": "a much longer article " * 5, "label": 3}]
-    examples = [encode_example(loaded.tokenizer, task.prompt(r), task.target(r), 128) for r in rows]
+    task = get_task(task_name)
+    examples = [encode_example(loaded.tokenizer, task.prompt(r), task.target(r), max_length, task.target_ends_with_eos)
+                for r in rows]
     batch = collate(examples, loaded.tokenizer.pad_token_id)
     with torch.no_grad():
         fast = batch_loss_sum(loaded.model, batch, torch.device("cpu")).item()
@@ -122,6 +132,8 @@ def test_left_padded_target_only_loss_equals_the_plain_loss(name):
             plain += torch.nn.functional.cross_entropy(logits, torch.tensor(e.labels[1:]), ignore_index=IGNORE_INDEX,
                                                        reduction="sum").item()
     assert fast == pytest.approx(plain, rel=1e-5)
+    n_targets = sum(label != IGNORE_INDEX for e in examples for label in e.labels)
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == n_targets  # every target is scored
     assert batch["logits_to_keep"] < batch["input_ids"].shape[1]  # the vocabulary projection is cut
 
 

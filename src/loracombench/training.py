@@ -21,6 +21,11 @@ from .models import LoadedModel, autocast, dtype_name, resolve_dtype, target_mod
 from .tasks import Task, get_task
 
 IGNORE_INDEX = -100
+# Raised when batch_loss_sum changes what it computes. 2: a row shorter than its batch's longest
+# target span lost the targets before its last (span - length) labels (a negative slice start
+# wrapped around); no expert of the presets had such a batch, LoRA Soups, LoraHub and multitask
+# training did. Part of the cache keys of the compositions that use the loss.
+TARGET_LOSS_VERSION = 2
 
 
 @dataclass
@@ -51,7 +56,9 @@ def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.
     keep = min(keep, inputs["input_ids"].shape[1])
     labels = torch.full((len(batch), keep - 1), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(batch):
-        tail = e.labels[len(e.labels) - (keep - 1):] if keep > 1 else []
+        # max(0, ...): a row shorter than keep - 1 is taken whole; a negative start would wrap
+        # around and keep only the row's last labels, dropping targets of the row.
+        tail = e.labels[max(0, len(e.labels) - (keep - 1)):] if keep > 1 else []
         labels[row, keep - 1 - len(tail):] = torch.tensor(tail, dtype=torch.long)
     return {**inputs, "labels": labels.to(device), "logits_to_keep": keep}
 

@@ -134,6 +134,9 @@ class Composition(ABC):
     # Files besides weights (*.safetensors) and adapter configs whose content decides the composed
     # model (a router's routes): downstream cache keys hash them. Logs and timings stay out.
     artefacts: ClassVar[tuple[str, ...]] = ()
+    # True for a composition that trains or searches on training.batch_loss_sum: its cache key then
+    # carries training.TARGET_LOSS_VERSION, so a fix to that loss rebuilds it.
+    uses_target_loss: ClassVar[bool] = False
 
     def __init__(self, **params):
         if params:
@@ -145,7 +148,10 @@ class Composition(ABC):
 
     def key(self) -> dict:
         """What decides the result besides the experts and the inputs it needs, for cache keys."""
-        return {"composition": self.name, "params": self.params}
+        from ..training import TARGET_LOSS_VERSION
+
+        key = {"composition": self.name, "params": self.params}
+        return {**key, "target_loss": TARGET_LOSS_VERSION} if self.uses_target_loss else key
 
     @abstractmethod
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:

@@ -171,6 +171,7 @@ class Fitted:
 
 
 class LoraSoups(Composition):
+    uses_target_loss = True
     name = "lora_soups"
     paper = ("Prabhakar et al. 2024, 'LoRA Soups: Merging LoRAs for Practical Skill Composition Tasks' "
              "(CAT), arXiv 2410.13025")

@@ -198,6 +198,7 @@ def load_factors(peft_model, factors: dict[str, LoraFactors]) -> None:
 # ---------------------------------------------------------------- the composition
 
 class LoraHub(Composition):
+    uses_target_loss = True
     name = "lorahub"
     paper = "Huang et al. 2023, 'LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition', " \
             "arXiv:2307.13269"

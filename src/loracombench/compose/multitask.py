@@ -18,6 +18,7 @@ ADAPTER_DIR = "adapter"
 
 
 class Multitask(Composition):
+    uses_target_loss = True
     name = "multitask"
     paper = "the multi-task baseline of LoraHub (arXiv:2307.13269) and LoRA Soups (arXiv:2410.13025)"
 
