@@ -212,3 +212,42 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_adapter(tm
     for key, weight in adapters_trained[False].items():
         assert torch.equal(weight, adapters_trained[True][key]), key
     assert TrainSettings(gradient_checkpointing=True).result_settings() == TrainSettings().result_settings()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_recompute_above_tokens_recomputes_only_the_layers_a_large_batch_needs(tmp_path, name):
+    """A micro-batch of t tokens recomputes the fewest layers k that leave (L - k) * t <= L * limit
+    (its kept activations no more than `limit` tokens' worth), smaller batches none, and the
+    adapter is bit-identical to one trained keeping every activation."""
+    rows = [{"text": " ".join([w] * (1 + 4 * i)), "label": y} for i in range(4) for y, w in enumerate(["war", "goal"])]
+    calls = {}
+
+    def train(limit):
+        loaded = load_model(name)
+        layers = [m for n, m in loaded.model.named_modules() if n.endswith(("h.0.mlp", "h.1.mlp", "layers.0.mlp",
+                                                                             "layers.1.mlp"))]
+        runs = [[] for _ in layers]
+        for index, mlp in enumerate(layers):
+            mlp.register_forward_pre_hook(lambda *_, index=index: runs[index].append(1))
+        tokens = []
+        loaded.model.register_forward_pre_hook(lambda _, args, kwargs: tokens.append(kwargs["input_ids"].numel()),
+                                               with_kwargs=True)
+        config = TrainSettings(epochs=1, batch_size=3, max_length=64, learning_rate=5e-3, lora_dropout=0.2,
+                               recompute_above_tokens=limit)
+        train_adapter(loaded, get_task("ag_news"), rows, config, tmp_path / str(limit), progress=False)
+        assert not loaded.model.is_activation_checkpointing and not getattr(loaded.model, "_require_grads_hooks", None)
+        calls[limit] = [len(r) for r in runs]
+        return adapters.read_weights(tmp_path / str(limit)), tokens
+
+    kept_all, tokens = train(None)
+    assert calls[None] == [len(tokens)] * 2
+    limit = sorted(tokens)[len(tokens) // 2]
+    recomputed, again = train(limit)
+    assert again == tokens
+    fewest = [min(k for k in range(3) if (2 - k) * t <= 2 * limit) for t in tokens]
+    assert 0 < sum(fewest) < 2 * len(tokens)  # some batches recompute, some do not
+    assert calls[limit] == [len(tokens) + sum(k >= 1 for k in fewest), len(tokens) + sum(k >= 2 for k in fewest)]
+    assert kept_all.keys() == recomputed.keys()
+    for key, weight in kept_all.items():
+        assert torch.equal(weight, recomputed[key]), key
+    assert TrainSettings(recompute_above_tokens=1).result_settings() == TrainSettings().result_settings()

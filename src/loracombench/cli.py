@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .allocator import map_large_blocks
 
 SAMPLE_HELP = "a size larger than the split is an error"
 
@@ -127,7 +128,8 @@ def cmd_train(args) -> int:
              "target_modules": args.target_modules, "learning_rate": args.lr, "epochs": args.epochs,
              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
              "seed": args.seed, "checkpoint_every": args.checkpoint_every,
-             "gradient_checkpointing": args.gradient_checkpointing}
+             "gradient_checkpointing": args.gradient_checkpointing,
+             "recompute_above_tokens": args.recompute_above_tokens}
     defaults = preset.train_settings(task.name, preset.seeds[0]).model_dump()
     try:
         config = TrainSettings(**{**defaults, **{name: value for name, value in flags.items() if value is not None}})
@@ -392,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(0: none) {preset}")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help=f"recompute activations in the backward pass: less memory, slower, the same adapter {preset}")
+    p.add_argument("--recompute-above-tokens", type=int, default=None, metavar="N",
+                   help="micro-batches of more tokens (rows x longest row) recompute just enough layers to keep N "
+                        f"tokens' worth of activations; the same adapter {preset}")
     add_out_args(p, "adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 
@@ -502,6 +507,7 @@ def _refuse_torchrun_unless_data_parallel(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    map_large_blocks()
     with _sigterm_as_interrupt():
         try:
             _refuse_torchrun_unless_data_parallel(args.command)

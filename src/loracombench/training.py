@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,16 +51,18 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int, eos: bo
 
 def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
     """Left-padded inputs, plus the labels of the last `keep` positions: every target sits at the
-    end of its row, so the vocabulary projection is needed for those positions only."""
+    end of its row, so the vocabulary projection is needed for those positions only. labels[:, j]
+    is the token that kept position j predicts; the last position predicts none (ignored), so the
+    loss reads the logits as the model returns them instead of copying all but the last."""
     inputs = left_pad([e.input_ids for e in batch], pad_id, device)
     keep = 1 + max(sum(label != IGNORE_INDEX for label in e.labels) for e in batch)
     keep = min(keep, inputs["input_ids"].shape[1])
-    labels = torch.full((len(batch), keep - 1), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(batch), keep), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(batch):
         # max(0, ...): a row shorter than keep - 1 is taken whole; a negative start would wrap
         # around and keep only the row's last labels, dropping targets of the row.
         tail = e.labels[max(0, len(e.labels) - (keep - 1)):] if keep > 1 else []
-        labels[row, keep - 1 - len(tail):] = torch.tensor(tail, dtype=torch.long)
+        labels[row, keep - 1 - len(tail): keep - 1] = torch.tensor(tail, dtype=torch.long)
     return {**inputs, "labels": labels.to(device), "logits_to_keep": keep}
 
 
@@ -68,7 +71,7 @@ def batch_loss_sum(model, batch: dict, device, precision: torch.dtype = torch.fl
     with autocast(device, dtype_name(precision)):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -161,11 +164,12 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
               file=sys.stderr, flush=True)
     # fp16 gradients underflow without loss scaling; for every other precision the scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    trainer = Trainer(model, optimizer, schedule, scaler, tokenizer.pad_token_id, device, precision, world)
     curve, started = done.curve, time.time()
     bar = tqdm(total=len(steps), initial=done.step, desc=f"train {name}", disable=not (progress and world.is_main))
     model.train()
-    with activations_recomputed(model, config.gradient_checkpointing):
+    with activations_recomputed(model, config) as recompute:
+        trainer = Trainer(model, optimizer, schedule, scaler, tokenizer.pad_token_id, device, precision, world,
+                          recompute)
         for epoch, step in steps[done.step:]:
             loss_sum = trainer.step([[kept[i] for i in chunk] for chunk in step])
             curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum,
@@ -195,23 +199,51 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     return metadata
 
 
+@dataclass
+class Recompute:
+    """Which decoder layers recompute their activations in the backward pass (gradient
+    checkpointing), decided per micro-batch from its size. Saved activations grow with the tokens
+    times the layers that keep them, so a micro-batch of t > above_tokens tokens recomputes the
+    first ceil(L * (1 - above_tokens / t)) of its L layers and keeps at most above_tokens tokens'
+    worth. Written here, not taken from transformers, whose switch is all layers or none."""
+
+    layers: list[torch.nn.Module]
+    every_layer: bool = False
+    above_tokens: int | None = None
+
+    def layers_for(self, tokens: int) -> int:
+        if self.every_layer:
+            return len(self.layers)
+        if self.above_tokens is None or tokens <= self.above_tokens:
+            return 0
+        return math.ceil(len(self.layers) * (1 - self.above_tokens / tokens))
+
+    def prepare(self, tokens: int) -> None:
+        recomputed = self.layers_for(tokens)
+        for index, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = index < recomputed
+
+
 @contextmanager
-def activations_recomputed(model, enabled: bool):
-    """Gradient checkpointing for the duration of a training run, then off again: the base model
-    is shared with the evaluation that follows. Non-reentrant, which replays the layer's RNG
-    state, so dropout masks and hence the adapter are the same as without it."""
-    if not enabled:
-        yield
+def activations_recomputed(model, config: TrainSettings):
+    """Gradient checkpointing as config asks, for the duration of a training run, then off again:
+    the base model is shared with the evaluation that follows. Non-reentrant, which replays the
+    layer's RNG state, so dropout masks and hence the adapter are the same as without it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not config.gradient_checkpointing and config.recompute_above_tokens is None:
+        yield Recompute([])
         return
     base = model.get_base_model()
     base.activation_checkpointing_enable({"use_reentrant": False})
+    # transformers also hooks the embeddings to make their output require grad, which only
+    # reentrant checkpointing needs; left on, every backward would run into layer 0's inputs too.
+    base.disable_input_require_grads()
+    layers = [module for module in base.modules() if isinstance(module, GradientCheckpointingLayer)]
     try:
-        yield
+        yield Recompute(layers, config.gradient_checkpointing, config.recompute_above_tokens)
     finally:
         base.activation_checkpointing_disable()
-        # transformers also hooked the embeddings to make their output require grad; the next
-        # training run on this base would otherwise backpropagate into them for nothing.
-        base.disable_input_require_grads()
 
 
 def per_task(counts: dict[str, int]) -> int | dict[str, int]:
@@ -240,6 +272,7 @@ class Trainer:
     device: torch.device
     precision: torch.dtype
     world: distributed.World
+    recompute: Recompute = field(default_factory=lambda: Recompute([]))
 
     def step(self, micro_batches: list[list[Example]]) -> float:
         """One update from its micro-batches; returns the update's mean target-token loss. Each rank
@@ -251,6 +284,7 @@ class Trainer:
             if not mine:
                 continue
             batch = collate(mine, self.pad_id, self.device)
+            self.recompute.prepare(batch["input_ids"].numel())
             # Divided by the whole update's token count, so that gradient accumulation (and the
             # sum over ranks) gives the same step as one large batch.
             loss = batch_loss_sum(self.model, batch, self.device, self.precision) / n_target
