@@ -51,18 +51,16 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int, eos: bo
 
 def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
     """Left-padded inputs, plus the labels of the last `keep` positions: every target sits at the
-    end of its row, so the vocabulary projection is needed for those positions only. labels[:, j]
-    is the token that kept position j predicts; the last position predicts none (ignored), so the
-    loss reads the logits as the model returns them instead of copying all but the last."""
+    end of its row, so the vocabulary projection is needed for those positions only."""
     inputs = left_pad([e.input_ids for e in batch], pad_id, device)
     keep = 1 + max(sum(label != IGNORE_INDEX for label in e.labels) for e in batch)
     keep = min(keep, inputs["input_ids"].shape[1])
-    labels = torch.full((len(batch), keep), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(batch), keep - 1), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(batch):
         # max(0, ...): a row shorter than keep - 1 is taken whole; a negative start would wrap
         # around and keep only the row's last labels, dropping targets of the row.
         tail = e.labels[max(0, len(e.labels) - (keep - 1)):] if keep > 1 else []
-        labels[row, keep - 1 - len(tail): keep - 1] = torch.tensor(tail, dtype=torch.long)
+        labels[row, keep - 1 - len(tail):] = torch.tensor(tail, dtype=torch.long)
     return {**inputs, "labels": labels.to(device), "logits_to_keep": keep}
 
 
@@ -71,7 +69,7 @@ def batch_loss_sum(model, batch: dict, device, precision: torch.dtype = torch.fl
     with autocast(device, dtype_name(precision)):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
