@@ -49,6 +49,12 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int, eos: bo
     return Example(input_ids, labels)
 
 
+def encode_rows(tokenizer, task: Task, rows: list[dict], max_length: int) -> list[Example | None]:
+    """Each row as the task's prompt and target (encode_example); None where no target is left."""
+    return [encode_example(tokenizer, task.prompt(r), task.target(r), max_length, task.target_ends_with_eos)
+            for r in rows]
+
+
 def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
     """Left-padded inputs, plus the labels of the last `keep` positions: every target sits at the
     end of its row, so the vocabulary projection is needed for those positions only."""
@@ -133,9 +139,7 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     """Train one LoRA on the rows of one or more tasks (see train_adapter); one task is an expert."""
     tokenizer = loaded.tokenizer
     name = "+".join(task.name for task, _ in task_rows)
-    encoded = {task.name: [encode_example(tokenizer, task.prompt(r), task.target(r), config.max_length,
-                                          task.target_ends_with_eos) for r in rows]
-               for task, rows in task_rows}
+    encoded = {task.name: encode_rows(tokenizer, task, rows, config.max_length) for task, rows in task_rows}
     kept = [e for examples in encoded.values() for e in examples if e is not None]
     if not kept:
         raise ValueError(f"no training example of {name} fits max_length={config.max_length}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, ContextManager
 
+from .. import training
 from ..tasks import Task
 
 ONLY_ROUTE = "model"
@@ -148,10 +149,8 @@ class Composition(ABC):
 
     def key(self) -> dict:
         """What decides the result besides the experts and the inputs it needs, for cache keys."""
-        from ..training import TARGET_LOSS_VERSION
-
         key = {"composition": self.name, "params": self.params}
-        return {**key, "target_loss": TARGET_LOSS_VERSION} if self.uses_target_loss else key
+        return {**key, "target_loss": training.TARGET_LOSS_VERSION} if self.uses_target_loss else key
 
     @abstractmethod
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:

@@ -40,7 +40,7 @@ from ..merging.factors import LoraFactors
 from ..merging.ops import concat_factors
 from ..tasks import get_task
 from ..distributed import World
-from ..training import Example, Trainer, encode_example, plan_steps
+from ..training import Example, Trainer, encode_rows, plan_steps
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
 from .static_merge import ADAPTER_DIR
 
@@ -197,9 +197,8 @@ class LoraSoups(Composition):
             raise ValueError(f"composition {self.name!r} trains through the base model: BuildInputs.borrow_base is unset")
         experts = {task: adapters.read_adapter(path) for task, path in inputs.experts.items()}
         adapters.check_same_base(list(experts.values()))
-        seed = inputs.seed if self.params["seed"] is None else self.params["seed"]
-        settings = TrainSettings(seed=seed, epochs=self.params["epochs"], batch_size=self.params["batch_size"],
-                                 learning_rate=self.params["learning_rate"], group_by_length=False)
+        settings = self.train_settings(inputs.seed)
+        seed = settings.seed
         started = time.time()
         with inputs.borrow_base() as loaded:
             for path in inputs.experts.values():
@@ -227,6 +226,13 @@ class LoraSoups(Composition):
         io.write_json(out_dir / LOSS_CURVE_FILE, fitted.curve)
         return {"info": info}
 
+    def train_settings(self, run_seed: int) -> TrainSettings:
+        """The weights' training: random batches that mix the tasks' rows, seeded by the run
+        unless the params fix a seed."""
+        seed = run_seed if self.params["seed"] is None else self.params["seed"]
+        return TrainSettings(seed=seed, epochs=self.params["epochs"], batch_size=self.params["batch_size"],
+                             learning_rate=self.params["learning_rate"], group_by_length=False)
+
     def examples(self, inputs: BuildInputs, tokenizer) -> tuple[list[Example], dict[str, int]]:
         """Every task's validation rows encoded as its expert was trained (prompt masked, target
         cut at the same max_length), in task order; plan_steps mixes and shuffles them."""
@@ -237,9 +243,7 @@ class LoraSoups(Composition):
                 raise ValueError(f"composition {self.name!r} needs validation rows of every task; "
                                  f"none for {task_name!r} (given: {sorted(inputs.validation)})")
             task, max_length = get_task(task_name), self.max_length(inputs, task_name)
-            encoded = [encode_example(tokenizer, task.prompt(r), task.target(r), max_length, task.target_ends_with_eos)
-                       for r in rows]
-            kept = [e for e in encoded if e is not None]
+            kept = [e for e in encode_rows(tokenizer, task, rows, max_length) if e is not None]
             if not kept:
                 raise ValueError(f"composition {self.name!r}: no {task_name} validation row keeps a target "
                                  f"token within max_length={max_length}")

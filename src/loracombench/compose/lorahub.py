@@ -56,7 +56,7 @@ from ..merging.average import merge_average
 from ..merging.factors import LoraFactors
 from ..merging.ops import concat_factors
 from ..tasks import get_task
-from ..training import IGNORE_INDEX, batch_loss_sum, collate, encode_example
+from ..training import IGNORE_INDEX, Example, batch_loss_sum, collate, encode_rows
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
 from .static_merge import ADAPTER_DIR
 
@@ -149,6 +149,17 @@ def search_weights(cross_entropy: Callable[[list[float]], float], n_experts: int
 
 # ---------------------------------------------------------------- the loss on the base model
 
+def loss_batches(tokenizer, rows: dict[str, list[dict]]) -> dict[str, list[list[Example]]]:
+    """Each task's rows encoded whole (no max_length), in batches of LOSS_BATCH_SIZE."""
+    batches = {}
+    for name, task_rows in rows.items():
+        examples = [e for e in encode_rows(tokenizer, get_task(name), task_rows, sys.maxsize) if e is not None]
+        if not examples:
+            raise LoraHubError(f"lorahub: no validation row of {name} has a target token to score")
+        batches[name] = [examples[start: start + LOSS_BATCH_SIZE] for start in range(0, len(examples), LOSS_BATCH_SIZE)]
+    return batches
+
+
 class ValidationLoss:
     """Mean target-token cross-entropy of each task's rows, averaged over tasks, on a given model.
 
@@ -156,16 +167,9 @@ class ValidationLoss:
 
     def __init__(self, tokenizer, rows: dict[str, list[dict]], device):
         self.device, self.batches, self.token_counts = device, {}, {}
-        for name, task_rows in rows.items():
-            task = get_task(name)
-            examples = [encode_example(tokenizer, task.prompt(r), task.target(r), sys.maxsize,
-                                       task.target_ends_with_eos) for r in task_rows]
-            examples = [e for e in examples if e is not None]
-            if not examples:
-                raise LoraHubError(f"lorahub: no validation row of {name} has a target token to score")
-            self.token_counts[name] = sum(len(e.labels) - e.labels.count(IGNORE_INDEX) for e in examples)
-            self.batches[name] = [collate(examples[start: start + LOSS_BATCH_SIZE], tokenizer.pad_token_id, device)
-                                  for start in range(0, len(examples), LOSS_BATCH_SIZE)]
+        for name, batches in loss_batches(tokenizer, rows).items():
+            self.token_counts[name] = sum(len(e.labels) - e.labels.count(IGNORE_INDEX) for b in batches for e in b)
+            self.batches[name] = [collate(batch, tokenizer.pad_token_id, device) for batch in batches]
 
     @torch.inference_mode()
     def __call__(self, model) -> float:
