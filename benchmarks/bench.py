@@ -34,19 +34,19 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 import yaml
 
 import bench_merge
 from loracombench import adapters, evaluation, io
-from loracombench.allocator import map_large_blocks
 from loracombench.config import PRESETS_DIR, TrainSettings
 from loracombench.data import load_sample
 from loracombench.evaluation import EvalConfig
 from loracombench.models import DEFAULT_MODEL, load_model
 from loracombench.tasks import get_task
-from loracombench.training import IGNORE_INDEX, encode_example, lora_config, train_adapter
+from loracombench.training import IGNORE_INDEX, encode_rows, lora_config, train_adapter
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 TRAIN_TASKS = ("ag_news", "gsm8k")
@@ -164,9 +164,7 @@ def hf_trainer_seconds(loaded, examples, settings: TrainSettings, scratch: str) 
 def train_one_task(ctx: Context, task_name: str, settings: TrainSettings) -> dict:
     task = get_task(task_name)
     rows = ctx.sample(task_name, "train", ctx.args.train_rows)
-    encoded = [encode_example(ctx.shared.loaded.tokenizer, task.prompt(r), task.target(r), settings.max_length,
-                              task.target_ends_with_eos) for r in rows]
-    examples = [e for e in encoded if e is not None]
+    examples = [e for e in encode_rows(ctx.shared.loaded.tokenizer, task, rows, settings.max_length) if e is not None]
     with tempfile.TemporaryDirectory() as scratch, ctx.shared.borrowed() as loaded:
         ours = train_adapter(loaded, task, rows, settings, Path(scratch) / "adapter", progress=False)["train_time_s"]
     with tempfile.TemporaryDirectory() as scratch, ctx.shared.borrowed() as loaded:
@@ -450,14 +448,14 @@ def run_section(ctx: Context) -> dict:
 
 def train_in_fresh_process(model: str, task_name: str, rows: list[dict], settings: TrainSettings) -> dict:
     """Runs in a spawned process, so that its peak RSS is this training run's alone."""
-    map_large_blocks()
     loaded = load_model(model)
     with tempfile.TemporaryDirectory() as scratch:
         seconds = train_adapter(loaded, get_task(task_name), rows, settings, Path(scratch),
                                 progress=False)["train_time_s"]
         weights = (Path(scratch) / adapters.WEIGHTS_FILE).read_bytes()
     return {"train_time_s": seconds, "peak_rss_gb": own_peak_rss_gb(),
-            "weights_sha256": hashlib.sha256(weights).hexdigest()}
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
 
 
 def own_peak_rss_gb() -> float:
@@ -477,17 +475,23 @@ def longest_training_rows(ctx: Context, task_name: str) -> list[dict]:
         evaluation.encode(tokenizer, task.prompt(r) + task.target(r))))[: ctx.args.memory_rows]
 
 
+# name -> (training settings, environment of the training process)
 MEMORY_VARIANTS = {
-    "every activation kept": {"gradient_checkpointing": False, "recompute_above_tokens": None},
-    "recompute above the default's tokens": {"gradient_checkpointing": False},
-    "every layer recomputed": {"gradient_checkpointing": True},
+    "every activation kept": ({"gradient_checkpointing": False, "recompute_above_tokens": None}, {}),
+    "recompute above the default's tokens": ({"gradient_checkpointing": False}, {}),
+    "every layer recomputed": ({"gradient_checkpointing": True}, {}),
+    # glibc otherwise raises its mmap threshold as large blocks are freed, after which freed
+    # activations stay in its heap as fragments; fixed at 1 MB, each is unmapped when freed, and
+    # mapped and zero-filled again when the next is allocated (README: "Memory").
+    "recompute above the default's tokens, MALLOC_MMAP_THRESHOLD_=1048576": (
+        {"gradient_checkpointing": False}, {"MALLOC_MMAP_THRESHOLD_": "1048576"}),
 }
 
 
 def memory_section(ctx: Context) -> dict:
     """Each task's longest training batches of the default run, trained keeping every activation,
-    with the default's recompute_above_tokens and with every layer recomputed, each in a fresh
-    process: the peak RSS of a run is its training's."""
+    with the default's recompute_above_tokens (also with glibc's mmap threshold fixed) and with
+    every layer recomputed, each in a fresh process: the peak RSS of a run is its training's."""
     import multiprocessing
 
     spawn, settings = multiprocessing.get_context("spawn"), ctx.train_settings()
@@ -495,8 +499,9 @@ def memory_section(ctx: Context) -> dict:
     for task_name in TRAIN_TASKS:
         rows = longest_training_rows(ctx, task_name)
         runs = {}
-        for variant, update in MEMORY_VARIANTS.items():
-            with spawn.Pool(1) as pool:
+        for variant, (update, variables) in MEMORY_VARIANTS.items():
+            # glibc reads its malloc settings once, when the process starts
+            with mock.patch.dict(os.environ, variables), spawn.Pool(1) as pool:
                 runs[variant] = pool.apply(train_in_fresh_process, (
                     ctx.args.model, task_name, rows, settings.model_copy(update=update)))
         kept = runs["every activation kept"]
@@ -618,7 +623,6 @@ def main(argv: list[str] | None = None) -> dict:
                 read_run_log(log)
     except BenchError as err:
         parser.error(str(err))
-    map_large_blocks()  # as the `loracombench` command does, so that both are measured alike
     ctx = Context(args)
     result = {"setup": setup(args), "sections": {}}
     for name in names:

@@ -55,6 +55,10 @@ def test_side_by_side_computations_agree(result):
     assert swaps["adapters_with_same_predictions"] == swaps["adapters"] == 2
     memory = sections["memory"]["agreement"]
     assert memory["identical_adapter_weights"] == memory["tasks"] == 2
+    # The allocator variant's setting reaches its training process, and only its.
+    runs = sections["memory"]["measured"]["gsm8k"]
+    thresholds = [runs[variant]["MALLOC_MMAP_THRESHOLD_"] for variant in bench.MEMORY_VARIANTS]
+    assert thresholds == [None, None, None, "1048576"]
     assert all(a["holds"] for a in (scoring, generation, swaps, memory))
 
 

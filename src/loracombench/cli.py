@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .allocator import map_large_blocks
 
 SAMPLE_HELP = "a size larger than the split is an error"
 
@@ -507,7 +506,6 @@ def _refuse_torchrun_unless_data_parallel(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    map_large_blocks()
     with _sigterm_as_interrupt():
         try:
             _refuse_torchrun_unless_data_parallel(args.command)

@@ -68,8 +68,8 @@ class TrainSettings(Strict):
     # A micro-batch of more tokens than this (rows x longest row, padding included) recomputes
     # just enough decoder layers in the backward pass that the layers keeping their activations
     # hold no more than this many tokens' worth; smaller ones recompute nothing. Only the longest
-    # batches pay, and only for the layers they must: the default run's 16 longest GSM8K rows
-    # peak at 3.4 GB instead of 5.1 (README "Memory"). The same adapter; null: never recompute.
+    # batches pay, and only for the layers they must (README "Memory" has the peak and time
+    # measured on the default run's longest rows). The same adapter; null: never recompute.
     recompute_above_tokens: int | None = Field(1024, ge=1)
 
     def result_settings(self) -> dict:

@@ -28,10 +28,7 @@ class SerialExecutor:
 def _worker_threads(threads: int) -> None:
     import torch
 
-    from .allocator import map_large_blocks
-
     torch.set_num_threads(threads)
-    map_large_blocks()  # as the driver's command did for itself
 
 
 def _ensure_pickled(pickled: bytes) -> bool:
