@@ -94,3 +94,26 @@ def test_multitask_needs_two_known_tasks():
         train_multitask_adapter(load_model("tiny-llama"), {"ag_news": AG}, config, "unused")
     with pytest.raises(ValueError, match="unknown task 'mnli'; valid tasks: ag_news, gsm8k"):
         train_multitask_adapter(load_model("tiny-llama"), {"ag_news": AG, "mnli": AG}, config, "unused")
+
+
+def test_multitask_shares_the_experts_settings_whatever_their_memory_settings():
+    """How activations are kept does not change an adapter, so a per-task memory setting (README
+    "Memory") must not stop multitask training; any setting that changes the adapter does."""
+    from loracombench.compose import get_composition
+    from loracombench.compose.base import BuildInputs
+    from loracombench.config import TrainSettings
+
+    base, multitask = TrainSettings(seed=0, r=4, lora_alpha=8), get_composition("multitask", {"rank_factor": 2})
+
+    def settings(**gsm8k):
+        return multitask.settings(BuildInputs(experts={}, seed=0, train_settings={
+            "ag_news": base, "gsm8k": base.model_copy(update=gsm8k)}))
+
+    chosen = settings(seed=1, gradient_checkpointing=True, recompute_above_tokens=None, checkpoint_every=3)
+    assert (chosen.r, chosen.lora_alpha, chosen.learning_rate) == (8, 16, base.learning_rate)
+    # The union's batches hold GSM8K's rows too: the most sparing memory setting of the tasks.
+    assert chosen.gradient_checkpointing and chosen.recompute_above_tokens == base.recompute_above_tokens
+    assert settings(recompute_above_tokens=256).recompute_above_tokens == 256
+    assert settings(recompute_above_tokens=None).recompute_above_tokens == base.recompute_above_tokens
+    with pytest.raises(ValueError, match="one set of training settings"):
+        settings(learning_rate=base.learning_rate / 2)

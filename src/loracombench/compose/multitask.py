@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..config import stable_hash
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
 
 ADAPTER_DIR = "adapter"
@@ -32,13 +33,20 @@ class Multitask(Composition):
         return Needs(gradients=True)
 
     def settings(self, inputs: BuildInputs):
-        distinct = {s.model_dump_json(exclude={"seed"}) for s in inputs.train_settings.values()}
+        """The experts' settings at rank_factor times their rank. How activations are kept does not
+        change an adapter (result_settings), so the tasks may differ there: the union's batches
+        hold every task's rows, and get the most sparing of their memory settings."""
+        every = list(inputs.train_settings.values())
+        distinct = {stable_hash({k: v for k, v in s.result_settings().items() if k != "seed"}) for s in every}
         if len(distinct) != 1:
             raise ValueError("multitask training needs one set of training settings, but train_per_task gives "
                              f"the tasks {sorted(inputs.train_settings)} different ones")
-        settings = next(iter(inputs.train_settings.values()))
+        limits = [s.recompute_above_tokens for s in every if s.recompute_above_tokens is not None]
         factor = self.params["rank_factor"]
-        return settings.model_copy(update={"r": settings.r * factor, "lora_alpha": settings.lora_alpha * factor})
+        return every[0].model_copy(update={
+            "r": every[0].r * factor, "lora_alpha": every[0].lora_alpha * factor,
+            "gradient_checkpointing": any(s.gradient_checkpointing for s in every),
+            "recompute_above_tokens": min(limits) if limits else None})
 
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
         from ..training import train_multitask_adapter
