@@ -74,24 +74,35 @@ def report(preset: str, what: str, batches: list[list[Example]]) -> None:
     print(f"| {preset} | {what} | {lost:,} of {total:,} | {sum(c[0] > 0 for c in counts)} of {len(counts)} |")
 
 
+def replay(preset: str, config) -> None:
+    """One table row per expert and per composition that takes the loss, for each seed."""
+    tokenizer = load_tokenizer(config.model, trust_remote_code=False)
+    experiment = Experiment(config, tempfile.gettempdir(), progress=False)
+    for seed in config.seeds:
+        for task in config.tasks:
+            settings = config.train_settings(task, seed)
+            report(preset, f"expert {task}, seed {seed}",
+                   planned_batches(encoded(tokenizer, experiment, [task], settings.max_length), settings))
+        for spec in config.compositions:
+            batches = composition_batches(spec, tokenizer, experiment, seed)
+            if batches is not None:
+                report(preset, f"{spec.name}, seed {seed}", batches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("presets", nargs="+", help="config presets or YAML files")
     args = parser.parse_args()
+    try:  # every preset is read first, so that a bad name fails before any output
+        configs = {preset: load_config(preset) for preset in args.presets}
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     print("| preset | training | targets lost | batches hit |\n| --- | --- | --- | --- |")
-    for preset in args.presets:
-        config = load_config(preset)
-        tokenizer = load_tokenizer(config.model, trust_remote_code=False)
-        experiment = Experiment(config, tempfile.gettempdir(), progress=False)
-        for seed in config.seeds:
-            for task in config.tasks:
-                settings = config.train_settings(task, seed)
-                report(preset, f"expert {task}, seed {seed}",
-                       planned_batches(encoded(tokenizer, experiment, [task], settings.max_length), settings))
-            for spec in config.compositions:
-                batches = composition_batches(spec, tokenizer, experiment, seed)
-                if batches is not None:
-                    report(preset, f"{spec.name}, seed {seed}", batches)
+    try:
+        for preset, config in configs.items():
+            replay(preset, config)
+    except (ValueError, OSError) as err:  # e.g. no data mirror and no hub: the table stops there
+        parser.error(f"{err} (the table above is incomplete)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from loracombench.models import load_tokenizer
@@ -40,3 +41,12 @@ def test_every_composition_that_takes_the_loss_is_replayed(tmp_path, small_mirro
     rows = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["expert ag_news, seed 0", "expert gsm8k, seed 0", "lorahub_budget4_n_validation2, seed 0",
                     "lora_soups_n_validation2, seed 0", "multitask, seed 0"]
+
+
+def test_an_unknown_preset_is_one_clear_error_before_any_output(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lost_targets.py", "default", "no-such-preset"])
+    with pytest.raises(SystemExit) as exit_info:
+        lost_targets.main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert "no config file or preset 'no-such-preset'" in captured.err and "Traceback" not in captured.err
