@@ -13,8 +13,9 @@ label), generation (batched GSM8K generation against one prompt at a time), adap
 on one loaded base against a base load per adapter), merge (seconds per merge method,
 bench_merge.py), memory (peak RSS and time of each task's longest training batches of the
 default run, trained with and without gradient checkpointing, each in a fresh process) and run
-(the stage times of a finished `loracombench run` from its printed log, and the peak RSS of this
-process). The defaults are sized for about 9 minutes on 2 idle cores.
+(the stage times of a finished `loracombench run` from its printed log, each stage's model FLOPs
+on the default preset's rows as a share of the matmul peak, the run's FLOPs at that peak against
+the 20-minute budget, and the peak RSS of this process). The defaults are sized for about 9 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 from unittest import mock
 
@@ -41,10 +43,11 @@ import yaml
 
 import bench_merge
 from loracombench import adapters, evaluation, io
-from loracombench.config import PRESETS_DIR, TrainSettings
+from loracombench.config import PRESETS_DIR, TrainSettings, load_config
 from loracombench.data import load_sample
 from loracombench.evaluation import EvalConfig
 from loracombench.models import DEFAULT_MODEL, load_model
+from loracombench.pipeline import Experiment
 from loracombench.tasks import get_task
 from loracombench.training import IGNORE_INDEX, encode_rows, lora_config, train_adapter
 
@@ -71,7 +74,8 @@ class Target:
 
 
 def ratio(figure: str, value: float, target: Target | None = None) -> dict:
-    return {"figure": figure, "value": round(value, 4), "target": str(target) if target else None,
+    # Four significant digits: a share of the peak on the tiny test model is 1e-4 or less.
+    return {"figure": figure, "value": float(f"{value:.4g}"), "target": str(target) if target else None,
             "met": target.met(value) if target else None}
 
 
@@ -231,17 +235,19 @@ def score_each_choice(model, tokenizer, task, rows: list[dict]) -> list[list[flo
     return scores
 
 
+def tokens_read(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    """The tokens one forward pass reads, padding left out; a pass continued from a cached prefix
+    reads only its new tokens, the last columns of its attention mask."""
+    return int(input_ids.numel() if attention_mask is None else attention_mask[:, -input_ids.shape[1]:].sum())
+
+
 @contextmanager
 def counted_tokens(model):
-    """Counts the tokens the model's forward passes read, padding left out: a list whose sum is
-    the count. A pass continued from a cached prefix reads only its new tokens, the last columns
-    of its attention mask."""
+    """Counts the tokens the model's forward passes read (tokens_read): a list whose sum is the count."""
     counts: list[int] = []
 
     def count(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        counts.append(int(ids.numel() if mask is None else mask[:, -ids.shape[1]:].sum()))
+        counts.append(tokens_read(kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")))
 
     hook = model.register_forward_pre_hook(count, with_kwargs=True)
     try:
@@ -405,9 +411,15 @@ class BenchError(ValueError):
     """A bench input that cannot be used; the message is one line."""
 
 
+# The cells a run computed (a cached cell prints no "done"): experts' training and models' evaluation.
+COMPUTED = {"train": re.compile(r"\] train (?P<task>\S+) \(seed \d+\): done in ", re.M),
+            "evaluate": re.compile(r"\] eval \S+ on (?P<task>\S+): done in ", re.M)}
+
+
 def read_run_log(path: Path) -> dict:
     """Stage seconds and total of the last `stages: ...; total T s` line `loracombench run` printed,
-    and the peak RSS that GNU `time -v` reported, if the log has it."""
+    the cells per task that run computed (its lines after the stages line before it), and the
+    peak RSS that GNU `time -v` reported, if the log has it."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as err:
@@ -417,9 +429,95 @@ def read_run_log(path: Path) -> dict:
         raise BenchError(f"{path}: no '[hh:mm:ss] stages: train X s, ...; total T s' line, which "
                          f"`loracombench run` prints when it finishes (pass the log of a finished run)")
     last = lines[-1]
+    this_run = text[lines[-2].end() if len(lines) > 1 else 0: last.start()]
+    computed = {stage: {} for stage in COMPUTED}
+    for stage, pattern in COMPUTED.items():
+        for match in pattern.finditer(this_run):
+            computed[stage][match["task"]] = computed[stage].get(match["task"], 0) + 1
     rss = TIME_MAX_RSS.findall(text)
     return {"stages": {m["name"]: float(m["seconds"]) for m in STAGE.finditer(last["stages"])},
-            "total_s": float(last["total"]), "peak_rss_gb": int(rss[-1]) * 1024 / GB if rss else None}
+            "total_s": float(last["total"]), "computed_cells": computed,
+            "peak_rss_gb": int(rss[-1]) * 1024 / GB if rss else None}
+
+
+class _PrefixCache:
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        pass
+
+
+class TokenCounter(torch.nn.Module):
+    """Stands in for the model in the run's own scoring functions: counts the tokens each forward
+    pass reads (tokens_read) and returns zero logits. The batching, padding and prefix sharing are
+    then exactly the run's, at none of its cost."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # where the scorers find the device
+        self.vocab_size = vocab_size
+        self.counts: list[int] = []
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, **_):
+        self.counts.append(tokens_read(input_ids, attention_mask))
+        rows, width = input_ids.shape
+        return SimpleNamespace(logits=torch.zeros(rows, logits_to_keep or width, self.vocab_size),
+                               cache=_PrefixCache())
+
+
+def evaluation_tokens(loaded, task, rows: list[dict], config: EvalConfig) -> int:
+    """The tokens one model's evaluation on `rows` reads, counted through the run's scorer."""
+    counter = TokenCounter(loaded.model.config.vocab_size)
+    predict, _ = evaluation.SCORERS[task.kind]
+    predict(counter, loaded.tokenizer, task, rows, range(len(rows)), config, False)
+    return sum(counter.counts)
+
+
+def default_preset_for(data_dir: str | None, computed: dict[str, dict[str, int]]):
+    """The default preset, checked against the cells a run log shows computed."""
+    config = load_config("default", {"data_dir": data_dir} if data_dir else {})
+    unknown = sorted({task for cells in computed.values() for task in cells} - set(config.tasks))
+    if unknown:
+        raise BenchError(f"--run-log: the run computed cells of {', '.join(unknown)}, which the default "
+                         f"preset does not have (pass the log of `loracombench run` on the default preset)")
+    if config.eval.n_generate != 0:
+        raise BenchError("the default preset generates (eval.n_generate), which the FLOP count leaves out")
+    return config
+
+
+def default_run_flops(ctx: Context, computed: dict[str, dict[str, int]]) -> dict:
+    """The model FLOPs of the cells a default run computed, counted as the sections above count
+    them (4·N per token trained on, 2·N per token read in evaluation), on the default preset's
+    own rows. Padding, attention, the vocabulary projection, recomputed layers and every other
+    cell are left out, so at the matmul peak this is a floor under the run's time."""
+    config = default_preset_for(ctx.args.data_dir, computed)
+    experiment, loaded = Experiment(config, tempfile.gettempdir()), ctx.shared.loaded
+    parameters = non_embedding_parameters(loaded.model)
+    tokens = {"train": {}, "evaluate": {}}
+    for name in config.tasks:
+        task, settings = get_task(name), config.train_settings(name, config.seeds[0])
+        examples = encode_rows(loaded.tokenizer, task, experiment.train_rows(name), settings.max_length)
+        tokens["train"][name] = settings.epochs * sum(len(e.input_ids) for e in examples if e is not None)
+        tokens["evaluate"][name] = evaluation_tokens(loaded, task, experiment.eval_rows(name),
+                                                     experiment.eval_config(name))
+    per_token = {"train": 4 * parameters, "evaluate": 2 * parameters}
+    flops = {stage: per_token[stage] * sum(cells * tokens[stage][task] for task, cells in computed[stage].items())
+             for stage in per_token}
+    return {"tokens_per_cell": tokens, "computed_cells": computed, "flops_per_token": per_token, "flops": flops}
+
+
+def run_floor_ratios(ctx: Context, run: dict) -> tuple[list[dict], dict]:
+    """Each stage's model FLOP/s as a share of the matmul peak, and the run's FLOPs at that peak
+    against the 20-minute budget: what share of the peak a run must hold to finish in time.
+    The peak is measured now, the run was timed before: both are this host, at other moments."""
+    counted = default_run_flops(ctx, run["computed_cells"])
+    peak = matmul_peak_flops(ctx.args.matmul_size)
+    ratios = [ratio(f"{stage} stage: model FLOP/s ÷ fp32 matmul peak (default preset's rows)",
+                    counted["flops"][stage] / run["stages"][stage] / peak)
+              for stage in counted["flops"] if counted["flops"][stage] and run["stages"].get(stage)]
+    floor_s = sum(counted["flops"].values()) / peak
+    if floor_s:
+        ratios.append(ratio("run's model FLOPs at the matmul peak ÷ 20 minutes (the share of the peak a "
+                            "20-minute run must hold)", floor_s / (20 * MINUTE)))
+    return ratios, {**counted, "matmul_peak_gflops_per_s": peak / 1e9, "floor_s": floor_s}
 
 
 def run_section(ctx: Context) -> dict:
@@ -432,6 +530,8 @@ def run_section(ctx: Context) -> dict:
         ratios += [ratio(f"{stage} ÷ total (share of the run's time)", seconds / run["total_s"])
                    for stage, seconds in run["stages"].items()]
         ratios.append(ratio("run time ÷ 20 minutes", run["total_s"] / (20 * MINUTE), Target(1, at_least=False)))
+        floor_ratios, measured["model_flops"] = run_floor_ratios(ctx, run)
+        ratios += floor_ratios
         if run["peak_rss_gb"] is not None:
             ratios.append(ratio("run peak RSS ÷ 4 GB (GNU time -v)", run["peak_rss_gb"] / 4, Target(1, at_least=False)))
     if ctx.args.cached_run_log:
@@ -621,6 +721,8 @@ def main(argv: list[str] | None = None) -> dict:
         for log in (args.run_log, args.cached_run_log):  # a bad log fails now, not after the other sections
             if log is not None:
                 read_run_log(log)
+        if args.run_log is not None:
+            default_preset_for(args.data_dir, read_run_log(args.run_log)["computed_cells"])
     except BenchError as err:
         parser.error(str(err))
     ctx = Context(args)

@@ -20,8 +20,16 @@ TINY = ["--model", "tiny-llama", "--data-dir", str(MIRROR), "--train-rows", "4",
         "--matmul-size", "128", "--score-rows", "4", "--score-batch-size", "4", "--label-tokens", "2",
         "--generate-rows", "3", "--generate-batch-size", "2", "--max-new-tokens", "8", "--adapters", "2",
         "--adapter-rows", "4", "--merge-repeats", "1", "--merge-layers", "1", "--memory-rows", "2"]
-# The last line `loracombench run` prints: its stages add up to less than the total (the report).
-RUN_LOG = "[21:40:02] train ag_news: done\n[22:01:30] stages: train 310 s, compose 40 s, evaluate 900 s; total 1290 s\n"
+# What `loracombench run` prints: a cell computed ("done in") or not, and last the stages, which
+# add up to less than the total (the report).
+RUN_LOG = """[21:40:02] train ag_news (seed 0): computing
+[21:43:02] train ag_news (seed 0): done in 180 s
+[21:43:02] train gsm8k (seed 0): reused
+[21:45:00] eval base on ag_news: done in 30 s
+[21:46:00] eval merge_ties_seed0 on ag_news: done in 31 s
+[21:47:00] eval base on gsm8k: done in 33 s
+[22:01:30] stages: train 310 s, compose 40 s, evaluate 900 s; total 1290 s
+"""
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +102,7 @@ def test_scoring_reports_its_share_of_the_matmul_peak(result):
     figure = next(r for r in scoring["ratios"] if r["figure"] == "model FLOP/s ÷ fp32 matmul peak, score_choices")
     assert measured["tokens_read"] > 0 and measured["forward_passes"] >= 1
     assert figure["value"] == pytest.approx(
-        measured["model_gflops_per_s"] / measured["matmul_peak_gflops_per_s"], rel=5e-3)  # ratio() keeps 4 decimals
+        measured["model_gflops_per_s"] / measured["matmul_peak_gflops_per_s"], rel=1e-3)  # 4 digits kept
 
 
 @needs_mirror
@@ -113,8 +121,54 @@ def test_bad_inputs_are_refused_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--only", "merge,merge"])
     assert "named twice: merge" in capsys.readouterr().err
+    other = tmp_path / "other.log"
+    other.write_text(RUN_LOG.replace("on gsm8k", "on mmlu"))
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "scoring", "--run-log", str(other)])
+    assert "computed cells of mmlu, which the default preset does not have" in capsys.readouterr().err
     log = tmp_path / "unfinished.log"
     log.write_text("[10:00:00] train ag_news\n")
     with pytest.raises(SystemExit):
         bench.main(["--only", "run", "--run-log", str(log)])
     assert f"{log}: no '[hh:mm:ss] stages:" in capsys.readouterr().err
+
+
+@needs_mirror
+def test_the_run_floor_counts_the_cells_the_run_computed(result):
+    run = result[0]["sections"]["run"]
+    counted = run["measured"]["model_flops"]
+    assert counted["computed_cells"] == {"train": {"ag_news": 1}, "evaluate": {"ag_news": 2, "gsm8k": 1}}
+    tokens, per_token = counted["tokens_per_cell"], counted["flops_per_token"]
+    assert counted["flops"] == {"train": per_token["train"] * tokens["train"]["ag_news"],
+                                "evaluate": per_token["evaluate"] * (2 * tokens["evaluate"]["ag_news"]
+                                                                     + tokens["evaluate"]["gsm8k"])}
+    peak = counted["matmul_peak_gflops_per_s"] * 1e9
+    figures = {r["figure"]: r["value"] for r in run["ratios"]}
+    assert figures["evaluate stage: model FLOP/s ÷ fp32 matmul peak (default preset's rows)"] == pytest.approx(
+        counted["flops"]["evaluate"] / 900 / peak, rel=1e-3)
+    assert counted["floor_s"] == pytest.approx(sum(counted["flops"].values()) / peak)
+
+
+def test_a_run_log_counts_only_its_last_run(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("[10:00:00] eval base on gsm8k: done in 30 s\n[10:01:00] stages: evaluate 30 s; total 31 s\n"
+                   + RUN_LOG.replace("stages: train 310 s", "stages: train 311 s"))
+    run = bench.read_run_log(log)
+    assert run["computed_cells"] == {"train": {"ag_news": 1}, "evaluate": {"ag_news": 2, "gsm8k": 1}}
+    assert run["stages"]["train"] == 311
+
+
+@needs_mirror
+@pytest.mark.parametrize("task_name", ["ag_news", "gsm8k"])
+def test_the_token_counter_reads_what_the_model_reads(task_name):
+    """The stand-in that counts the run's evaluation tokens sees the passes the model sees."""
+    from loracombench.data import load_sample
+    from loracombench.models import load_model
+    from loracombench.tasks import get_task
+
+    loaded, task = load_model("tiny-llama"), get_task(task_name)
+    rows, config = load_sample(task, "test", 5, 0, MIRROR), bench.EvalConfig(batch_size=2, n_generate=0)
+    predict, _ = bench.evaluation.SCORERS[task.kind]
+    with bench.counted_tokens(loaded.model) as counts:
+        predict(loaded.model.eval(), loaded.tokenizer, task, rows, range(len(rows)), config, False)
+    assert len(counts) >= 3 and bench.evaluation_tokens(loaded, task, rows, config) == sum(counts)
