@@ -112,6 +112,24 @@ def test_a_task_fingerprint_follows_its_version_and_code(monkeypatch):
     assert ag_news.fingerprint()["code"] != before[0]["code"]
 
 
+def test_an_expert_is_retrained_when_the_training_loss_changes(tmp_path, monkeypatch):
+    """A fix to the loss the experts train on (TARGET_LOSS_VERSION) must not reuse an adapter
+    trained with the old one; nothing else about the run changes its training cells."""
+    from loracombench import training
+    from loracombench.config import load_config
+    from loracombench.pipeline import Experiment
+
+    experiment = Experiment(load_config("default"), tmp_path)
+
+    def keys():
+        return [experiment.train_cell(task, {"weights": "w"}, 0).key for task in ("ag_news", "gsm8k")]
+
+    before = keys()
+    assert keys() == before
+    monkeypatch.setattr(training, "TARGET_LOSS_VERSION", training.TARGET_LOSS_VERSION + 1)
+    assert all(a != b for a, b in zip(keys(), before))
+
+
 def test_a_removed_merge_leaves_the_report_and_is_listed_as_stale(tmp_path, small_mirror, capsys):
     out = tmp_path / "run"
     two = write_config(tmp_path, merges=[{"method": "average"}, {"method": "task_arithmetic"}])

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import adapters, cache, io, metrics
+from . import adapters, cache, io, metrics, training
 from .compose import BuildInputs, Composed, Composition, OneModel, get_composition, weight_sweep
 from .compose.static_merge import StaticMerge
 from .config import ExperimentConfig, stable_hash
@@ -31,7 +31,6 @@ from .evaluation import EvalConfig, evaluate_composed
 from .executors import SerialExecutor
 from .models import check_device, load_model, pick_device
 from .tasks import get_task
-from .training import train_adapter
 
 COMPOSITION_FILE = "composition.json"
 # How a model is scored, beyond the evaluation settings: part of every evaluation key, so a
@@ -200,13 +199,14 @@ class Experiment:
         settings = self.config.train_settings(task, seed)
         key = cell_key({"base": fingerprint, "task": task, "n": self.config.n_train[task],
                         "data_seed": self.config.data_seed, "data": self.data_source,
-                        "train": settings.result_settings(), "precision": self.precision}, task)
+                        "train": settings.result_settings(), "precision": self.precision,
+                        "target_loss": training.TARGET_LOSS_VERSION}, task)
         folder = self.out / "adapters" / f"seed{seed}" / task
 
         def compute():
             log(f"train {task}: {self.config.n_train[task]} examples, {settings.epochs} epoch(s)")
             with self.shared.borrowed() as loaded:
-                meta = train_adapter(loaded, get_task(task), self.train_rows(task), settings, folder,
+                meta = training.train_adapter(loaded, get_task(task), self.train_rows(task), settings, folder,
                                      self.config.device, progress=self.progress,
                                      extra_metadata={"cell_key": key, "data": self.data_source},
                                      dtype=self.config.dtype)

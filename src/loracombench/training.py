@@ -25,7 +25,8 @@ IGNORE_INDEX = -100
 # Raised when batch_loss_sum changes what it computes. 2: a row shorter than its batch's longest
 # target span lost the targets before its last (span - length) labels (a negative slice start
 # wrapped around); no expert of the presets had such a batch, LoRA Soups, LoraHub and multitask
-# training did. Part of the cache keys of the compositions that use the loss.
+# training did (scripts/lost_targets.py). Part of the cache key of every cell that trains on the
+# loss: experts, and the compositions that use it.
 TARGET_LOSS_VERSION = 2
 
 
