@@ -17,12 +17,11 @@ import tempfile
 
 from loracombench.compose import get_composition
 from loracombench.compose.base import BuildInputs
-from loracombench.compose.lorahub import loss_batches
 from loracombench.config import load_config
 from loracombench.models import load_tokenizer
 from loracombench.pipeline import Experiment
 from loracombench.tasks import get_task
-from loracombench.training import IGNORE_INDEX, Example, encode_rows, plan_steps
+from loracombench.training import IGNORE_INDEX, Example, loss_batches
 
 
 def lost_by_wrapping_slice(batch: list[Example]) -> tuple[int, int]:
@@ -36,18 +35,9 @@ def lost_by_wrapping_slice(batch: list[Example]) -> tuple[int, int]:
     return lost, sum(spans)
 
 
-def planned_batches(examples: list[Example], settings) -> list[list[Example]]:
-    return [[examples[i] for i in micro] for _, micro_batches in plan_steps(examples, settings)
-            for micro in micro_batches]
-
-
-def encoded(tokenizer, experiment: Experiment, tasks: list[str], max_length: int) -> list[Example]:
-    return [e for task in tasks for e in encode_rows(tokenizer, get_task(task), experiment.train_rows(task), max_length)
-            if e is not None]
-
-
 def composition_batches(spec, tokenizer, experiment: Experiment, seed: int) -> list[list[Example]] | None:
-    """The batches a composition takes the loss on, or None for one that takes none."""
+    """The batches a composition takes the loss on (Composition.loss_batches), or None for one
+    that takes none."""
     config = experiment.config
     composition = get_composition(spec.method, spec.params)
     if not composition.uses_target_loss:
@@ -55,17 +45,9 @@ def composition_batches(spec, tokenizer, experiment: Experiment, seed: int) -> l
     n = composition.needs().validation_per_task
     inputs = BuildInputs(experts={task: None for task in config.tasks}, seed=seed,
                          validation={t: experiment.validation_rows(t, n) for t in config.tasks} if n else {},
+                         train_rows={t: experiment.train_rows(t) for t in config.tasks},
                          train_settings={t: config.train_settings(t, seed) for t in config.tasks})
-    if spec.method == "multitask":
-        settings = composition.settings(inputs)
-        # train_multitask_adapter takes the tasks in name order.
-        return planned_batches(encoded(tokenizer, experiment, sorted(config.tasks), settings.max_length), settings)
-    if spec.method == "lora_soups":
-        return planned_batches(composition.examples(inputs, tokenizer)[0], composition.train_settings(seed))
-    if spec.method == "lorahub":
-        return [batch for batches in loss_batches(tokenizer, composition.validation_rows(inputs)).values()
-                for batch in batches]
-    raise ValueError(f"{spec.method!r} uses the target loss, but this script does not know its batches")
+    return composition.loss_batches(inputs, tokenizer)
 
 
 def report(preset: str, what: str, batches: list[list[Example]]) -> None:
@@ -82,7 +64,7 @@ def replay(preset: str, config) -> None:
         for task in config.tasks:
             settings = config.train_settings(task, seed)
             report(preset, f"expert {task}, seed {seed}",
-                   planned_batches(encoded(tokenizer, experiment, [task], settings.max_length), settings))
+                   loss_batches(tokenizer, [(get_task(task), experiment.train_rows(task))], settings))
         for spec in config.compositions:
             batches = composition_batches(spec, tokenizer, experiment, seed)
             if batches is not None:

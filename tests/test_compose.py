@@ -142,3 +142,13 @@ def test_only_compositions_that_use_the_target_loss_key_on_its_version(monkeypat
     monkeypatch.setattr(training, "TARGET_LOSS_VERSION", training.TARGET_LOSS_VERSION + 1)
     after = keys()
     assert {name for name in COMPOSITIONS if after[name] != before[name]} == {"lorahub", "lora_soups", "multitask"}
+
+
+def test_every_composition_that_takes_the_target_loss_names_its_batches():
+    """scripts/lost_targets.py audits the loss through Composition.loss_batches."""
+    from loracombench.compose import COMPOSITIONS
+    from loracombench.compose.base import Composition
+
+    takes = {name for name, kind in COMPOSITIONS.items() if kind.uses_target_loss}
+    names = {name for name, kind in COMPOSITIONS.items() if kind.loss_batches is not Composition.loss_batches}
+    assert takes == names == {"lorahub", "lora_soups", "multitask"}

@@ -183,3 +183,14 @@ def test_build_load_and_evaluate_on_the_shared_base(experts, shared, tmp_path):
     assert all(torch.equal(p, pristine[name]) for name, p in model.named_parameters())
     assert not any(m._forward_hooks for m in model.modules())
     assert adapters.read_adapter(tmp_path / ADAPTER_DIR).metadata["method"] == "lora_soups"
+
+
+def test_the_audited_loss_batches_are_the_batches_trained_on(experts, shared, monkeypatch):
+    """LoraSoups.loss_batches (scripts/lost_targets.py) names the micro-batches of its training."""
+    from loracombench import training
+
+    trained, step = [], training.Trainer.step
+    monkeypatch.setattr(training.Trainer, "step", lambda self, micro: trained.extend(micro) or step(self, micro))
+    composition, inputs = get_composition("lora_soups", {"n_validation": 5}), inputs_for(experts, shared, seed=3)
+    composition.fit(inputs)
+    assert trained and trained == composition.loss_batches(inputs, shared.loaded.tokenizer)

@@ -242,3 +242,14 @@ def test_the_grid_is_scored_on_the_search_objective_and_ranks_the_result(tmp_pat
     assert metadata["grid_rank"] == trajectory["grid_rank"] == expected_rank
     assert "grid" not in json.loads((build(tmp_path / "off", experts, shared, budget=2, n_validation=2)[1]
                                      / TRAJECTORY_FILE).read_text())
+
+
+def test_the_audited_loss_batches_are_the_batches_the_search_scores(tmp_path, experts, shared, monkeypatch):
+    """LoraHub.loss_batches (scripts/lost_targets.py) names the batches the objective is taken on."""
+    from loracombench.compose import lorahub
+
+    scored, collate = [], lorahub.collate
+    monkeypatch.setattr(lorahub, "collate", lambda batch, *args: scored.append(batch) or collate(batch, *args))
+    composition, _, _ = build(tmp_path, experts, shared, budget=2, n_validation=5)
+    inputs = BuildInputs(experts=experts, seed=0, validation={t: rows[:5] for t, rows in VALIDATION.items()})
+    assert scored and scored == composition.loss_batches(inputs, shared.loaded.tokenizer)

@@ -117,3 +117,21 @@ def test_multitask_shares_the_experts_settings_whatever_their_memory_settings():
     assert settings(recompute_above_tokens=None).recompute_above_tokens == base.recompute_above_tokens
     with pytest.raises(ValueError, match="one set of training settings"):
         settings(learning_rate=base.learning_rate / 2)
+
+
+def test_the_audited_loss_batches_are_the_batches_trained_on(tmp_path, monkeypatch):
+    """Multitask.loss_batches (scripts/lost_targets.py) names the micro-batches of its training,
+    tasks in name order whatever order the rows come in."""
+    from loracombench import training
+    from loracombench.compose import BuildInputs, get_composition
+
+    trained, step = [], training.Trainer.step
+    monkeypatch.setattr(training.Trainer, "step", lambda self, micro: trained.extend(micro) or step(self, micro))
+    shared, settings = adapters.SharedBase(load_model("tiny-llama")), TrainSettings(**SETTINGS)
+    composition = get_composition("multitask", {})
+    inputs = BuildInputs(experts={"gsm8k": None, "ag_news": None}, seed=0, borrow_base=shared.borrowed,
+                         train_rows={"gsm8k": GSM, "ag_news": AG}, train_settings={"gsm8k": settings, "ag_news": settings},
+                         scratch=tmp_path / "scratch")
+    (tmp_path / "out").mkdir()
+    composition.build(inputs, tmp_path / "out")
+    assert trained and trained == composition.loss_batches(inputs, shared.loaded.tokenizer)

@@ -130,8 +130,25 @@ def train_multitask_adapter(loaded: LoadedModel, rows_by_task: dict[str, list[di
     order of `rows_by_task` does not matter."""
     if len(rows_by_task) < 2:
         raise ValueError(f"multitask training needs at least two tasks, got {sorted(rows_by_task)}")
-    return train_on_tasks(loaded, [(get_task(name), rows_by_task[name]) for name in sorted(rows_by_task)], config,
-                          out_dir, device, progress, extra_metadata, dtype)
+    return train_on_tasks(loaded, multitask_rows(rows_by_task), config, out_dir, device, progress, extra_metadata,
+                          dtype)
+
+
+def multitask_rows(rows_by_task: dict[str, list[dict]]) -> list[tuple[Task, list[dict]]]:
+    """The tasks of a multi-task run in name order, each with its rows."""
+    return [(get_task(name), rows_by_task[name]) for name in sorted(rows_by_task)]
+
+
+def training_examples(tokenizer, task_rows: list[tuple[Task, list[dict]]], max_length: int
+                      ) -> tuple[dict[str, list[Example | None]], list[Example]]:
+    """Each task's rows encoded (None where no target is left), and the examples kept, in task order."""
+    encoded = {task.name: encode_rows(tokenizer, task, rows, max_length) for task, rows in task_rows}
+    return encoded, [e for examples in encoded.values() for e in examples if e is not None]
+
+
+def loss_batches(tokenizer, task_rows: list[tuple[Task, list[dict]]], config: TrainSettings) -> list[list[Example]]:
+    """Every micro-batch train_on_tasks takes the loss on, in order, without training."""
+    return micro_batches(training_examples(tokenizer, task_rows, config.max_length)[1], config)
 
 
 def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]], config: TrainSettings,
@@ -140,8 +157,7 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     """Train one LoRA on the rows of one or more tasks (see train_adapter); one task is an expert."""
     tokenizer = loaded.tokenizer
     name = "+".join(task.name for task, _ in task_rows)
-    encoded = {task.name: encode_rows(tokenizer, task, rows, config.max_length) for task, rows in task_rows}
-    kept = [e for examples in encoded.values() for e in examples if e is not None]
+    encoded, kept = training_examples(tokenizer, task_rows, config.max_length)
     if not kept:
         raise ValueError(f"no training example of {name} fits max_length={config.max_length}")
     identity = {"task": name} if len(task_rows) == 1 else {"tasks": list(encoded)}
@@ -321,6 +337,11 @@ def plan_steps(kept: list[Example], config: TrainSettings) -> list[tuple[int, li
             batches = [order[i: i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         steps += [(epoch, batches[i: i + config.grad_accum]) for i in range(0, len(batches), config.grad_accum)]
     return steps
+
+
+def micro_batches(examples: list[Example], config: TrainSettings) -> list[list[Example]]:
+    """The examples of every micro-batch of plan_steps, in order."""
+    return [[examples[i] for i in chunk] for _, step in plan_steps(examples, config) for chunk in step]
 
 
 def plot_loss_curve(curve: list[dict], title: str, path: Path) -> None:

@@ -152,6 +152,12 @@ class Composition(ABC):
         key = {"composition": self.name, "params": self.params}
         return {**key, "target_loss": training.TARGET_LOSS_VERSION} if self.uses_target_loss else key
 
+    def loss_batches(self, inputs: BuildInputs, tokenizer) -> list[list[training.Example]]:
+        """Every batch build() takes training.batch_loss_sum on, formed as build forms it, without
+        building (scripts/lost_targets.py audits them). Each composition that sets
+        uses_target_loss defines it."""
+        raise NotImplementedError(f"composition {self.name!r} takes no target loss")
+
     @abstractmethod
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
         """Write the artefacts into out_dir (a fresh staging folder); return metadata for the

@@ -40,7 +40,7 @@ from ..merging.factors import LoraFactors
 from ..merging.ops import concat_factors
 from ..tasks import get_task
 from ..distributed import World
-from ..training import Example, Trainer, encode_rows, plan_steps
+from ..training import Example, Trainer, encode_rows, micro_batches, plan_steps
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
 from .static_merge import ADAPTER_DIR
 
@@ -232,6 +232,9 @@ class LoraSoups(Composition):
         seed = run_seed if self.params["seed"] is None else self.params["seed"]
         return TrainSettings(seed=seed, epochs=self.params["epochs"], batch_size=self.params["batch_size"],
                              learning_rate=self.params["learning_rate"], group_by_length=False)
+
+    def loss_batches(self, inputs: BuildInputs, tokenizer) -> list[list[Example]]:
+        return micro_batches(self.examples(inputs, tokenizer)[0], self.train_settings(inputs.seed))
 
     def examples(self, inputs: BuildInputs, tokenizer) -> tuple[list[Example], dict[str, int]]:
         """Every task's validation rows encoded as its expert was trained (prompt masked, target

@@ -149,7 +149,7 @@ def search_weights(cross_entropy: Callable[[list[float]], float], n_experts: int
 
 # ---------------------------------------------------------------- the loss on the base model
 
-def loss_batches(tokenizer, rows: dict[str, list[dict]]) -> dict[str, list[list[Example]]]:
+def validation_batches(tokenizer, rows: dict[str, list[dict]]) -> dict[str, list[list[Example]]]:
     """Each task's rows encoded whole (no max_length), in batches of LOSS_BATCH_SIZE."""
     batches = {}
     for name, task_rows in rows.items():
@@ -167,7 +167,7 @@ class ValidationLoss:
 
     def __init__(self, tokenizer, rows: dict[str, list[dict]], device):
         self.device, self.batches, self.token_counts = device, {}, {}
-        for name, batches in loss_batches(tokenizer, rows).items():
+        for name, batches in validation_batches(tokenizer, rows).items():
             self.token_counts[name] = sum(len(e.labels) - e.labels.count(IGNORE_INDEX) for b in batches for e in b)
             self.batches[name] = [collate(batch, tokenizer.pad_token_id, device) for batch in batches]
 
@@ -282,6 +282,10 @@ class LoraHub(Composition):
 
     def load(self, out_dir: Path) -> Composed:
         return OneModel(out_dir / ADAPTER_DIR)
+
+    def loss_batches(self, inputs: BuildInputs, tokenizer) -> list[list[Example]]:
+        return [batch for batches in validation_batches(tokenizer, self.validation_rows(inputs)).values()
+                for batch in batches]
 
     def validation_rows(self, inputs: BuildInputs) -> dict[str, list[dict]]:
         missing = [task for task in inputs.experts if not inputs.validation.get(task)]

@@ -48,6 +48,11 @@ class Multitask(Composition):
             "gradient_checkpointing": any(s.gradient_checkpointing for s in every),
             "recompute_above_tokens": min(limits) if limits else None})
 
+    def loss_batches(self, inputs: BuildInputs, tokenizer) -> list:
+        from ..training import loss_batches, multitask_rows
+
+        return loss_batches(tokenizer, multitask_rows(inputs.train_rows), self.settings(inputs))
+
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
         from ..training import train_multitask_adapter
 
