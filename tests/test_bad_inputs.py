@@ -137,6 +137,7 @@ CASES = [
     ("train-rank-0", [*TRAIN, "--r", "0", "--out", "{w}/new"], "--r"),
     ("train-lr-0", [*TRAIN, "--lr", "0", "--out", "{w}/new"], "--lr"),
     ("train-recompute-0", [*TRAIN, "--recompute-above-tokens", "0", "--out", "{w}/new"], "--recompute-above-tokens"),
+    ("train-loss-chunk-0", [*TRAIN, "--loss-chunk-tokens", "0", "--out", "{w}/new"], "--loss-chunk-tokens"),
     ("train-dropout-1.5", [*TRAIN, "--lora-dropout", "1.5", "--out", "{w}/new"], "--lora-dropout"),
     ("train-max-length-2", [*TRAIN, "--max-length", "2", "--out", "{w}/new"], "--max-length"),
     ("train-grad-accum-0", [*TRAIN, "--grad-accum", "0", "--out", "{w}/new"], "--grad-accum"),

@@ -251,3 +251,67 @@ def test_recompute_above_tokens_recomputes_only_the_layers_a_large_batch_needs(t
     for key, weight in kept_all.items():
         assert torch.equal(weight, recomputed[key]), key
     assert TrainSettings(recompute_above_tokens=1).result_settings() == TrainSettings().result_settings()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_a_chunked_loss_projects_only_the_targets_and_gives_the_same_gradients(name, monkeypatch):
+    """loss_chunk_tokens runs the decoder and projects the target positions onto the vocabulary a
+    chunk at a time, recomputed in the backward pass; the loss and gradients are the model's own
+    forward's up to float rounding. A model type outside PROJECTED_LOGITS takes its own forward."""
+    from loracombench import training
+    from loracombench.training import batch_loss_sum, collate, encode_rows
+
+    loaded = load_model(name)
+    model = init_lora(loaded.model, TrainSettings(r=4, lora_dropout=0.0), "gsm8k")
+    torch.manual_seed(0)
+    for parameter_name, parameter in model.named_parameters():
+        if "lora_B" in parameter_name:
+            torch.nn.init.normal_(parameter, std=0.1)  # zero at initialisation, which would hide lora_A's gradient
+    examples = encode_rows(loaded.tokenizer, get_task("gsm8k"), GSM_ROWS, 64) + \
+        encode_rows(loaded.tokenizer, get_task("ag_news"), AG_ROWS[:3], 64)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    projected = []
+    loaded.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: projected.append(tuple(args[0].shape[:-1])))
+
+    def loss_and_gradients(chunk_tokens):
+        model.zero_grad()
+        loss = batch_loss_sum(model, batch, torch.device("cpu"), chunk_tokens=chunk_tokens)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full, full_gradients = loss_and_gradients(None)
+    assert projected == [(len(examples), batch["logits_to_keep"])]  # the model's own forward: the whole slice
+    projected.clear()
+    chunked, chunked_gradients = loss_and_gradients(3)
+    targets = int((batch["labels"] != IGNORE_INDEX).sum())
+    sizes = [(3,)] * (targets // 3) + ([(targets % 3,)] if targets % 3 else [])
+    # each chunk projected forward, then again in the backward pass (in its own order)
+    assert projected[:len(sizes)] == sizes and sorted(projected[len(sizes):]) == sorted(sizes)
+    assert chunked == pytest.approx(full, rel=1e-6) and chunked_gradients.keys() == full_gradients.keys()
+    for key, gradient in chunked_gradients.items():
+        assert gradient.abs().sum() > 0
+        # float rounding: the products run on other shapes (about 1e-6 of the gradient's norm here)
+        assert (gradient - full_gradients[key]).norm() <= 1e-5 * full_gradients[key].norm(), key
+    with torch.no_grad():  # scoring only (no recompute): each chunk once
+        projected.clear()
+        assert batch_loss_sum(model, batch, torch.device("cpu"), chunk_tokens=3).item() == pytest.approx(full, rel=1e-6)
+        assert projected == sizes
+    monkeypatch.setattr(training, "PROJECTED_LOGITS", set())
+    projected.clear()
+    assert loss_and_gradients(3)[0] == full and projected == [(len(examples), batch["logits_to_keep"])]
+
+
+def test_train_settings_take_the_chunked_loss_to_the_trainer(tmp_path):
+    loaded = load_model("tiny-llama")
+    shapes = []
+    loaded.model.get_output_embeddings().register_forward_pre_hook(lambda _, args: shapes.append(args[0].dim()))
+    settings = TrainSettings(epochs=1, batch_size=2, max_length=64, loss_chunk_tokens=2, checkpoint_every=0)
+    meta = train_adapter(loaded, get_task("gsm8k"), GSM_ROWS, settings, tmp_path, progress=False)
+    assert shapes and set(shapes) == {2} and meta["config"]["loss_chunk_tokens"] == 2
+
+
+def test_an_unset_loss_chunk_keeps_the_cache_keys_and_a_set_one_changes_them():
+    assert "loss_chunk_tokens" not in TrainSettings().result_settings()
+    assert TrainSettings(loss_chunk_tokens=256).result_settings() != TrainSettings().result_settings()
+    with pytest.raises(ValueError, match="loss_chunk_tokens"):
+        TrainSettings(loss_chunk_tokens=0)

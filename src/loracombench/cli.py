@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
              "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_length": args.max_length,
              "seed": args.seed, "checkpoint_every": args.checkpoint_every,
              "gradient_checkpointing": args.gradient_checkpointing,
-             "recompute_above_tokens": args.recompute_above_tokens}
+             "recompute_above_tokens": args.recompute_above_tokens, "loss_chunk_tokens": args.loss_chunk_tokens}
     defaults = preset.train_settings(task.name, preset.seeds[0]).model_dump()
     try:
         config = TrainSettings(**{**defaults, **{name: value for name, value in flags.items() if value is not None}})
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-above-tokens", type=int, default=None, metavar="N",
                    help="micro-batches of more tokens (rows x longest row) recompute just enough layers to keep N "
                         f"tokens' worth of activations; the same adapter {preset}")
+    p.add_argument("--loss-chunk-tokens", type=int, default=None, metavar="N",
+                   help="project the target positions onto the vocabulary N at a time, recomputed in the backward "
+                        "pass: less memory, gradients equal up to float rounding (default: the model's own forward)")
     add_out_args(p, "adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 

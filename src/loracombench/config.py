@@ -71,10 +71,19 @@ class TrainSettings(Strict):
     # batches pay, and only for the layers they must (README "Memory" has the peak and time
     # measured on the default run's longest rows). The same adapter; null: never recompute.
     recompute_above_tokens: int | None = Field(1024, ge=1)
+    # Project the target positions onto the vocabulary this many at a time, each chunk's logits
+    # recomputed in the backward pass instead of kept (training.batch_loss_sum): a micro-batch
+    # then holds one chunk's logits, not all of its targets' (on GSM8K's longest batches about
+    # 1 GB less). The matrix products run on other shapes, so the gradients can differ in their
+    # last bits and a result can move: unlike the two settings above it is in the cache key
+    # when set. null: the model's own forward, as every committed result was trained.
+    loss_chunk_tokens: int | None = Field(None, ge=1)
 
     def result_settings(self) -> dict:
-        """The settings that decide the trained adapter (how it is checkpointed does not)."""
-        return self.model_dump(exclude={"checkpoint_every", "gradient_checkpointing", "recompute_above_tokens"})
+        """The settings that decide the trained adapter (how it is checkpointed does not). An unset
+        loss_chunk_tokens is left out, so that the keys of runs from before it existed hold."""
+        exclude = {"checkpoint_every", "gradient_checkpointing", "recompute_above_tokens"}
+        return self.model_dump(exclude=exclude | ({"loss_chunk_tokens"} if self.loss_chunk_tokens is None else set()))
 
 
 class EvalSettings(Strict):

@@ -29,6 +29,10 @@ TARGET_MODULES = {
     "qwen2": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
 }
+# Model types whose logits are the output embedding applied to the decoder's last hidden state and
+# nothing more (no soft-cap, no scale): train.loss_chunk_tokens projects only the target positions
+# of these. Any other type takes the model's own forward (training.batch_loss_sum).
+PROJECTED_LOGITS = {"llama", "mistral", "qwen2", "gpt2"}
 
 
 class ModelError(RuntimeError):

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from . import adapters, distributed, io
 from .batching import left_pad, length_grouped_batches
 from .checkpoint import Checkpoints, Progress
 from .config import TrainSettings, stable_hash
-from .models import LoadedModel, autocast, dtype_name, resolve_dtype, target_modules_for
+from .models import PROJECTED_LOGITS, LoadedModel, autocast, dtype_name, resolve_dtype, target_modules_for
 from .tasks import Task, get_task
 
 IGNORE_INDEX = -100
@@ -71,13 +72,39 @@ def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.
     return {**inputs, "labels": labels.to(device), "logits_to_keep": keep}
 
 
-def batch_loss_sum(model, batch: dict, device, precision: torch.dtype = torch.float32) -> torch.Tensor:
-    """Summed cross-entropy of the batch's target tokens."""
+def batch_loss_sum(model, batch: dict, device, precision: torch.dtype = torch.float32,
+                   chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the batch's target tokens, from the model's own forward; with
+    chunk_tokens (TrainSettings.loss_chunk_tokens), from the decoder's last hidden state at the
+    target positions, projected that many at a time. Chunking needs a model whose logits are
+    that projection and nothing more (models.PROJECTED_LOGITS); any other takes its own forward."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if chunk_tokens is None or causal_lm.config.model_type not in PROJECTED_LOGITS:
+        with autocast(device, dtype_name(precision)):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
     with autocast(device, dtype_name(precision)):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+        hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    targeted = batch["labels"] != IGNORE_INDEX
+    # Position t predicts token t + 1: the labels cover the last logits_to_keep positions but one.
+    hidden = hidden[:, -batch["logits_to_keep"]:][:, :-1][targeted]
+    targets = batch["labels"][targeted]
+    head, total = causal_lm.get_output_embeddings(), hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk_tokens):
+        chunk = (head, hidden[start: start + chunk_tokens], targets[start: start + chunk_tokens], device, precision)
+        # Recomputed in the backward pass, so that its logits are not kept; scoring alone needs no recompute.
+        total = total + (checkpoint(projected_loss_sum, *chunk, use_reentrant=False) if torch.is_grad_enabled()
+                         else projected_loss_sum(*chunk))
+    return total
+
+
+def projected_loss_sum(head, hidden: torch.Tensor, targets: torch.Tensor, device, precision) -> torch.Tensor:
+    with autocast(device, dtype_name(precision)):
+        logits = head(hidden)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def lora_config(config: TrainSettings, model_type: str):
@@ -188,7 +215,7 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     model.train()
     with activations_recomputed(model, config) as recompute:
         trainer = Trainer(model, optimizer, schedule, scaler, tokenizer.pad_token_id, device, precision, world,
-                          recompute)
+                          recompute, config.loss_chunk_tokens)
         for epoch, step in steps[done.step:]:
             loss_sum = trainer.step([[kept[i] for i in chunk] for chunk in step])
             curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum,
@@ -292,6 +319,7 @@ class Trainer:
     precision: torch.dtype
     world: distributed.World
     recompute: Recompute = field(default_factory=lambda: Recompute([]))
+    loss_chunk_tokens: int | None = None
 
     def step(self, micro_batches: list[list[Example]]) -> float:
         """One update from its micro-batches; returns the update's mean target-token loss. Each rank
@@ -306,7 +334,7 @@ class Trainer:
             self.recompute.prepare(batch["input_ids"].numel())
             # Divided by the whole update's token count, so that gradient accumulation (and the
             # sum over ranks) gives the same step as one large batch.
-            loss = batch_loss_sum(self.model, batch, self.device, self.precision) / n_target
+            loss = batch_loss_sum(self.model, batch, self.device, self.precision, self.loss_chunk_tokens) / n_target
             self.scaler.scale(loss).backward()
             loss_sum += loss.item()
         self.world.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
