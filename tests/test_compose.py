@@ -152,3 +152,7 @@ def test_every_composition_that_takes_the_target_loss_names_its_batches():
     takes = {name for name, kind in COMPOSITIONS.items() if kind.uses_target_loss}
     names = {name for name, kind in COMPOSITIONS.items() if kind.loss_batches is not Composition.loss_batches}
     assert takes == names == {"lorahub", "lora_soups", "multitask"}
+    with pytest.raises(TypeError, match="Forgetful sets uses_target_loss, so it must define loss_batches"):
+        type("Forgetful", (Composition,), {"uses_target_loss": True})
+    with pytest.raises(ValueError, match="'route_oracle' trains on no target loss"):
+        get_composition("route_oracle").loss_batches(None, None)

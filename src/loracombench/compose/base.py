@@ -139,6 +139,11 @@ class Composition(ABC):
     # carries training.TARGET_LOSS_VERSION, so a fix to that loss rebuilds it.
     uses_target_loss: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.uses_target_loss and cls.loss_batches is Composition.loss_batches:
+            raise TypeError(f"{cls.__name__} sets uses_target_loss, so it must define loss_batches")
+
     def __init__(self, **params):
         if params:
             raise ValueError(f"composition {self.name!r} takes no parameters, got {sorted(params)}")
@@ -154,9 +159,9 @@ class Composition(ABC):
 
     def loss_batches(self, inputs: BuildInputs, tokenizer) -> list[list[training.Example]]:
         """Every batch build() takes training.batch_loss_sum on, formed as build forms it, without
-        building (scripts/lost_targets.py audits them). Each composition that sets
-        uses_target_loss defines it."""
-        raise NotImplementedError(f"composition {self.name!r} takes no target loss")
+        building (scripts/lost_targets.py audits them). Every composition that sets
+        uses_target_loss defines it (checked when the class is made); the others have none."""
+        raise ValueError(f"composition {self.name!r} trains on no target loss, so it has no loss batches")
 
     @abstractmethod
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
