@@ -50,7 +50,7 @@ from loracombench.evaluation import EvalConfig
 from loracombench.models import DEFAULT_MODEL, load_model
 from loracombench.pipeline import Experiment
 from loracombench.tasks import get_task
-from loracombench.training import IGNORE_INDEX, encode_rows, lora_config, train_adapter
+from loracombench.training import IGNORE_INDEX, encode_rows, lora_config, train_adapter, training_examples
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 TRAIN_TASKS = ("ag_news", "gsm8k")
@@ -495,8 +495,8 @@ def default_run_flops(ctx: Context, computed: dict[str, dict[str, int]]) -> dict
     tokens = {"train": {}, "evaluate": {}}
     for name in config.tasks:
         task, settings = get_task(name), config.train_settings(name, config.seeds[0])
-        examples = encode_rows(loaded.tokenizer, task, experiment.train_rows(name), settings.max_length)
-        tokens["train"][name] = settings.epochs * sum(len(e.input_ids) for e in examples if e is not None)
+        _, kept = training_examples(loaded.tokenizer, [(task, experiment.train_rows(name))], settings.max_length)
+        tokens["train"][name] = settings.epochs * sum(len(e.input_ids) for e in kept)
         tokens["evaluate"][name] = evaluation_tokens(loaded, task, experiment.eval_rows(name),
                                                      experiment.eval_config(name))
     per_token = {"train": 4 * parameters, "evaluate": 2 * parameters}
