@@ -74,17 +74,29 @@ def collate(batch: list[Example], pad_id: int, device="cpu") -> dict[str, torch.
 
 def batch_loss_sum(model, batch: dict, device, precision: torch.dtype = torch.float32,
                    chunk_tokens: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of the batch's target tokens, from the model's own forward; with
-    chunk_tokens (TrainSettings.loss_chunk_tokens), from the decoder's last hidden state at the
-    target positions, projected that many at a time. Chunking needs a model whose logits are
-    that projection and nothing more (models.PROJECTED_LOGITS); any other takes its own forward."""
+    """Summed cross-entropy of the batch's target tokens: from the model's own forward, or with
+    chunk_tokens (TrainSettings.loss_chunk_tokens) from chunked_loss_sum. Chunking needs a model
+    whose logits are the output projection and nothing more (models.PROJECTED_LOGITS); any other
+    takes its own forward."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if chunk_tokens is None or causal_lm.config.model_type not in PROJECTED_LOGITS:
-        with autocast(device, dtype_name(precision)):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        return forward_loss_sum(model, batch, device, precision)
+    return chunked_loss_sum(causal_lm, batch, device, precision, chunk_tokens)
+
+
+def forward_loss_sum(model, batch: dict, device, precision: torch.dtype) -> torch.Tensor:
+    """The loss from the model's forward, which projects the last logits_to_keep positions."""
+    with autocast(device, dtype_name(precision)):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_loss_sum(causal_lm, batch: dict, device, precision: torch.dtype, chunk_tokens: int) -> torch.Tensor:
+    """The loss from the decoder's last hidden state at the target positions only, projected
+    chunk_tokens at a time, so that no more than one chunk's logits are held. Not bit-identical
+    to forward_loss_sum: the projection's shapes differ, and with them MKL's summation order."""
     with autocast(device, dtype_name(precision)):
         hidden = causal_lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
@@ -197,7 +209,7 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     torch.manual_seed(world.dropout_seed(config.seed))  # dropout masks: the run seed, whatever the initialisation
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps = plan_steps(kept, config)
+    steps = planned_batches(kept, config)
     # Linear decay to zero without warm-up, as transformers' Trainer does by default.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(steps))
     checkpoints = Checkpoints(out_dir, run_key(loaded, identity, kept, config, device, precision),
@@ -217,7 +229,7 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
         trainer = Trainer(model, optimizer, schedule, scaler, tokenizer.pad_token_id, device, precision, world,
                           recompute, config.loss_chunk_tokens)
         for epoch, step in steps[done.step:]:
-            loss_sum = trainer.step([[kept[i] for i in chunk] for chunk in step])
+            loss_sum = trainer.step(step)
             curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum,
                           "lr": schedule.get_last_lr()[0]})
             checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
@@ -367,9 +379,14 @@ def plan_steps(kept: list[Example], config: TrainSettings) -> list[tuple[int, li
     return steps
 
 
+def planned_batches(examples: list[Example], config: TrainSettings) -> list[tuple[int, list[list[Example]]]]:
+    """plan_steps with the examples themselves: every step as (epoch, its micro-batches)."""
+    return [(epoch, [[examples[i] for i in chunk] for chunk in step]) for epoch, step in plan_steps(examples, config)]
+
+
 def micro_batches(examples: list[Example], config: TrainSettings) -> list[list[Example]]:
     """The examples of every micro-batch of plan_steps, in order."""
-    return [[examples[i] for i in chunk] for _, step in plan_steps(examples, config) for chunk in step]
+    return [batch for _, step in planned_batches(examples, config) for batch in step]
 
 
 def plot_loss_curve(curve: list[dict], title: str, path: Path) -> None:

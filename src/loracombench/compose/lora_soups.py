@@ -40,7 +40,7 @@ from ..merging.factors import LoraFactors
 from ..merging.ops import concat_factors
 from ..tasks import get_task
 from ..distributed import World
-from ..training import Example, Trainer, encode_rows, micro_batches, plan_steps
+from ..training import Example, Trainer, encode_rows, micro_batches, planned_batches
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
 from .static_merge import ADAPTER_DIR
 
@@ -147,7 +147,7 @@ def train_weights(cat: ConcatenatedExperts, model, examples: list[Example], sett
     """Train the α of `cat` (attached to `model`) on the examples; returns the loss curve. The model
     runs in eval mode (no dropout): the only thing that changes is α."""
     device = model_device(model)
-    steps = plan_steps(examples, settings)
+    steps = planned_batches(examples, settings)
     optimizer = torch.optim.AdamW(cat.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(steps))
     # One process, fp32, no loss scaling: the experts' optimizer step on α alone.
@@ -157,7 +157,7 @@ def train_weights(cat: ConcatenatedExperts, model, examples: list[Example], sett
     model.eval()
     with frozen(model), cat.attached(model):
         for epoch, step in tqdm(steps, desc="lora_soups", disable=not progress):
-            loss = trainer.step([[examples[i] for i in chunk] for chunk in step])
+            loss = trainer.step(step)
             curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss})
     return curve
 

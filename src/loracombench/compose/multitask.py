@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from .. import training
 from ..config import stable_hash
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, check_params
 
@@ -49,19 +50,15 @@ class Multitask(Composition):
             "recompute_above_tokens": min(limits) if limits else None})
 
     def loss_batches(self, inputs: BuildInputs, tokenizer) -> list:
-        from ..training import loss_batches, multitask_rows
-
-        return loss_batches(tokenizer, multitask_rows(inputs.train_rows), self.settings(inputs))
+        return training.loss_batches(tokenizer, training.multitask_rows(inputs.train_rows), self.settings(inputs))
 
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
-        from ..training import train_multitask_adapter
-
         if inputs.borrow_base is None or len(inputs.train_rows) < 2:
             raise ValueError("multitask needs the base model and the training rows of at least two tasks")
         # Trained in the cell's scratch folder, where a killed run's checkpoints are found again.
         target = (inputs.scratch or out_dir) / ADAPTER_DIR
         with inputs.borrow_base() as loaded:
-            metadata = train_multitask_adapter(loaded, inputs.train_rows, self.settings(inputs), target,
+            metadata = training.train_multitask_adapter(loaded, inputs.train_rows, self.settings(inputs), target,
                                                inputs.device, progress=inputs.progress, dtype=inputs.dtype)
         if target.parent != out_dir:
             shutil.copytree(target, out_dir / ADAPTER_DIR)
