@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import metrics
+from . import cache, metrics
 from .data import check_rows
 from .tasks import Task, get_task
 
@@ -85,7 +85,7 @@ def run_baselines(task_name: str, train_rows: list[dict], eval_rows: list[dict],
             model={"label": baseline.name, "kind": "baseline"}, metrics=scores,
             primary_metric=task.primary_metric, chance=task.chance,
             config={"baseline": baseline.name, **baseline.config, "n_train": len(train_rows), **(config or {})},
-            elapsed_s=round(elapsed, 3))
+            elapsed_s=round(elapsed, 3), environment=cache.code_versions(cache.BASELINE_LIBRARIES))
         folder = Path(out_dir) / baseline.name
         metrics.write_result(folder, record, predictions)
         folders.append(folder)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .batching import left_pad
-from .models import autocast
+from .models import autocast, environment
 from .tasks import Task
 
 
@@ -298,7 +298,7 @@ def evaluate(model, tokenizer, task: Task, rows: list[dict], config: EvalConfig,
     model.eval()
     predict, _ = SCORERS[task.kind]
     predictions = predict(model, tokenizer, task, rows, range(len(rows)), config, progress)
-    return _record(task, rows, predictions, config, model_info, started, {}, out_dir)
+    return _record(task, rows, predictions, config, model_info, model_device(model), started, {}, out_dir)
 
 
 def evaluate_composed(composed, shared, task: Task, rows: list[dict], config: EvalConfig, model_info: dict,
@@ -328,7 +328,8 @@ def evaluate_composed(composed, shared, task: Task, rows: list[dict], config: Ev
     expected = composed.expected_route(task)
     if expected is not None:
         extra["routing_accuracy"] = metrics.proportion(routes.count(expected), len(routes))
-    return _record(task, rows, predictions, config, model_info, started, details, out_dir, extra)
+    return _record(task, rows, predictions, config, model_info, model_device(shared.loaded.model), started,
+                   details, out_dir, extra)
 
 
 def _check_rows(task: Task, rows: list[dict]) -> None:
@@ -336,8 +337,8 @@ def _check_rows(task: Task, rows: list[dict]) -> None:
         raise ValueError(f"no {task.name} examples to evaluate")
 
 
-def _record(task: Task, rows, predictions, config: EvalConfig, model_info: dict, started: float, details: dict,
-            out_dir, extra_metrics: dict | None = None) -> dict:
+def _record(task: Task, rows, predictions, config: EvalConfig, model_info: dict, device: torch.device,
+            started: float, details: dict, out_dir, extra_metrics: dict | None = None) -> dict:
     _, summarise = SCORERS[task.kind]
     result, task_details = summarise(task, rows, predictions, config)
     result.update(extra_metrics or {})
@@ -345,7 +346,7 @@ def _record(task: Task, rows, predictions, config: EvalConfig, model_info: dict,
         task=task.name, split=config.split, n=len(rows), seed=config.seed, model=model_info,
         metrics=result, primary_metric=task.primary_metric if task.primary_metric in result else "gold_nll",
         chance=task.chance, config=asdict(config), elapsed_s=round(time.time() - started, 2),
-        details={**task_details, **details})
+        details={**task_details, **details}, environment=environment(device))
     if out_dir is not None:
         metrics.write_result(out_dir, record, predictions)
     return record

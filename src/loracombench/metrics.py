@@ -95,9 +95,10 @@ def model_label(name: str, kind: str) -> str:
 
 def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metrics: dict,
                   primary_metric: str, chance: float, config: dict | None = None,
-                  elapsed_s: float | None = None, details: dict | None = None) -> dict:
+                  elapsed_s: float | None = None, details: dict | None = None,
+                  environment: dict | None = None) -> dict:
     """`metrics` maps names to values with intervals; `details` holds what is not one number
-    (a confusion matrix, say)."""
+    (a confusion matrix, say); `environment` what computed them (models.environment)."""
     return {
         "schema": SCHEMA,
         "task": task,
@@ -111,6 +112,7 @@ def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metr
         "config": config or {},
         "elapsed_s": elapsed_s,
         "details": details or {},
+        "environment": environment or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

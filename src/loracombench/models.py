@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import io
+from . import cache, io
 
 CACHE_ENV = "LORACOMBENCH_CACHE"
 DEFAULT_MODEL = "smollm2-135m"
@@ -336,6 +336,18 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return check_device(requested)
+
+
+def environment(device: torch.device) -> dict:
+    """What computed a result beyond its settings: the code's versions and the device's kernels.
+    Recorded with each result, not part of its cache key: the same settings on another CPU or GPU
+    give numbers that differ in their last bits (on CPU, ATen runs AVX2 or AVX-512 kernels by
+    what the CPU has; ATEN_CPU_CAPABILITY=avx2 pins the former), and a cached cell is not
+    recomputed for that."""
+    record = {**cache.code_versions(), "device": str(device), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        return {**record, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(device)}
+    return {**record, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # Precisions of the forward passes, by config name. Weights (the base and the LoRA factors) stay

@@ -354,7 +354,8 @@ class Experiment:
                                "cell_key": key},
                         metrics=result, primary_metric=get_task(task).primary_metric,
                         chance=get_task(task).chance,
-                        config={"n_train": self.config.n_train[task], "data": self.data_source})
+                        config={"n_train": self.config.n_train[task], "data": self.data_source},
+                        environment=cache.code_versions(cache.BASELINE_LIBRARIES))
                     metrics.write_result(folder, record, predictions)
 
                 cells.append(Cell(f"baseline {name} on {task}", folder, key, compute))

@@ -8,7 +8,9 @@ task needs no edit here. results.md holds three tables:
 
 - scores: every model on every declared metric with its 95% interval; a compressed merge also
   shows its stored ΔW error. A label trained with several seeds gets one row per seed
-  ("label (seed s)") and a "label: mean ± std over N seeds" row.
+  ("label (seed s)") and a "label: mean ± std over N seeds" row. Its notes say what computed the
+  models' results (models.environment): the code's versions and the device's kernels, each
+  environment with its count when the cells came from several (another machine, a Ray cluster).
 - paired comparisons: every composed model (any kind but base, expert, baseline) against the
   original's factor average ("merge: average"), against each expert of the same seed and
   against the models the run's config names in `compare_with` (e.g. the best static merge), on
@@ -256,6 +258,7 @@ def markdown_table(records: list[dict]) -> str:
     if errors:
         notes.append("stored ΔW error: a compressed merge's relative Frobenius error of its stored update "
                      "against the method's exact update (max over modules); – = stored exactly.")
+    notes += [note for note in [environment_note(records)] if note]
     for task in table_tasks(records):
         of_task = [r for r in records if r["task"] == task.name]
         record = next((r for r in of_task if r["model"].get("kind") != "baseline"), of_task[0])
@@ -265,6 +268,34 @@ def markdown_table(records: list[dict]) -> str:
         notes.append(f"{task.name}: {record['n']} {record['split']} examples"
                      + (f" ({', '.join(partial)})" if partial else "") + f"; chance {record['chance']:.2f}")
     return "\n".join(_markdown(header, rows)) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def describe_environment(environment: dict) -> str:
+    """One line for a models.environment record."""
+    if not environment:
+        return "an unrecorded environment (results written before environments were recorded)"
+    code = ", ".join(f"{name} {environment.get(name)}" for name in ("loracombench", "torch", "transformers", "peft"))
+    if "gpu" in environment:
+        where = f"{environment['device']} ({environment['gpu']}, CUDA {environment['cuda']})"
+    else:
+        where = (f"{environment['device']} ({environment.get('cpu_capability')} kernels, "
+                 f"{environment.get('torch_threads')} threads)")
+    return f"{code} on {where}"
+
+
+def environment_note(records: list[dict]) -> str | None:
+    """What computed the models' results (baselines record their own libraries). Several
+    environments are each listed with their count: kernels for another CPU or GPU change the
+    last bits of a score, and a mixed table should say so."""
+    counts: dict[str, int] = {}
+    for record in records:
+        if record["model"].get("kind") != "baseline":
+            line = describe_environment(record.get("environment") or {})
+            counts[line] = counts.get(line, 0) + 1
+    if len(counts) <= 1:
+        return next((f"computed with {line}." for line in counts), None)
+    return ("computed in several environments, whose kernels can differ in the last bits: "
+            + "; ".join(f"{line} ({n} result{'s' if n > 1 else ''})" for line, n in counts.items()) + ".")
 
 
 # ---------------------------------------------------------------- paired outputs

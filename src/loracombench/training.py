@@ -19,7 +19,8 @@ from . import adapters, distributed, io
 from .batching import left_pad, length_grouped_batches
 from .checkpoint import Checkpoints, Progress
 from .config import TrainSettings, stable_hash
-from .models import PROJECTED_LOGITS, LoadedModel, autocast, dtype_name, resolve_dtype, target_modules_for
+from .models import (PROJECTED_LOGITS, LoadedModel, autocast, dtype_name, environment, resolve_dtype,
+                     target_modules_for)
 from .tasks import Task, get_task
 
 IGNORE_INDEX = -100
@@ -245,7 +246,8 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
         **example_counts(encoded, config.max_length),
         "train_time_s": round(elapsed, 2), "steps": len(curve),
         "final_loss": curve[-1]["loss"], "device": str(device), "dtype": dtype_name(precision),
-        "world_size": world.size, "resumed_from_step": resumed.step if resumed else None, **(extra_metadata or {}),
+        "world_size": world.size, "environment": environment(device),
+        "resumed_from_step": resumed.step if resumed else None, **(extra_metadata or {}),
     }
     if world.is_main:
         model.peft_config["default"].base_model_name_or_path = loaded.path
