@@ -47,7 +47,7 @@ from loracombench import adapters, evaluation, io
 from loracombench.config import PRESETS_DIR, TrainSettings, load_config
 from loracombench.data import load_sample
 from loracombench.evaluation import EvalConfig
-from loracombench.models import DEFAULT_MODEL, load_model
+from loracombench.models import DEFAULT_MODEL, environment, load_model
 from loracombench.pipeline import Experiment
 from loracombench.tasks import get_task
 from loracombench.training import IGNORE_INDEX, encode_rows, lora_config, train_adapter, training_examples
@@ -665,11 +665,8 @@ def select_sections(only: str | None) -> list[str]:
 
 
 def setup(args: argparse.Namespace) -> dict:
-    import peft
-    import transformers
-
-    return {"model": args.model, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "torch_threads": torch.get_num_threads(),
+    """The machine and code the figures hold for; ATen's CPU capability (AVX2, AVX512) among them."""
+    return {"model": args.model, "started": time.strftime("%Y-%m-%d %H:%M:%S"), **environment(torch.device("cpu")),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "load_average_at_start": os.getloadavg(), "seed": args.seed,
             "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
@@ -677,11 +674,12 @@ def setup(args: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     s = result["setup"]
+    load = ", ".join(f"{x:.1f}" for x in s["load_average_at_start"])
     lines = [f"# make bench: {s['model']}, {s['started']}", "",
              f"torch {s['torch']}, transformers {s['transformers']}, peft {s['peft']}; {s['torch_threads']} torch "
-             f"threads, {s['cpu_count']} CPUs, load average at start {', '.join(f'{x:.1f}' for x in s['load_average_at_start'])}. "
-             "Every figure is a ratio of two timings taken side by side in this process (higher is faster for "
-             "ours, except budgets); targets are the issue's.", ""]
+             f"threads, {s['cpu_count']} CPUs ({s.get('cpu_capability', 'unrecorded')} kernels), load average at "
+             f"start {load}. Every figure is a ratio of two timings taken side by side in this process (higher is "
+             "faster for ours, except budgets); targets are the issue's.", ""]
     for name, section in result["sections"].items():
         lines += [f"## {name}", "", "| figure | ratio | target | met |", "| --- | ---: | --- | --- |"]
         for r in section["ratios"]:
