@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from loracombench import adapters
 from loracombench.compose import BuildInputs, RoutedAdapters, get_composition, register
@@ -51,6 +52,46 @@ def test_a_folded_adapter_scores_as_the_unfolded_peft_model_and_the_base_comes_b
     assert not any("lora" in name for name, _ in shared.loaded.model.named_modules())
     with shared.with_adapter(experts["ag_news"]) as model:  # a second use gives the same model
         assert logits(model).equal(folded)
+
+
+def test_the_base_comes_back_bit_for_bit_from_a_snapshot_on_disk_not_a_copy_in_memory(tmp_path):
+    """Whatever a borrower writes into the weights, they come back as loaded; the loaded bytes
+    are held in a nameless file in the snapshot folder, not in a second copy in memory."""
+    shared = adapters.SharedBase(load_model("tiny-llama"), snapshot_dir=tmp_path)
+    loaded = {name: p.detach().clone() for name, p in load_model("tiny-llama").model.named_parameters()}
+    snapshot = shared._snapshot
+    assert not any(isinstance(v, torch.Tensor) for v in [*vars(shared).values(), *vars(snapshot).values()])
+    assert list(tmp_path.iterdir()) == []  # unlinked: nothing to clean up, even after a kill
+    assert snapshot.file.seek(0, 2) == sum(t.numel() * t.element_size() for t in loaded.values())
+    with shared.borrowed() as borrowed:
+        with torch.no_grad():
+            for p in borrowed.model.parameters():
+                p.mul_(-3.0).add_(1.0)
+        get_peft_model(borrowed.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    restored = dict(shared.loaded.model.named_parameters())
+    assert restored.keys() == loaded.keys()
+    assert all(torch.equal(restored[name], value) for name, value in loaded.items())
+    assert not any(p.requires_grad for p in restored.values())
+    assert not any("lora" in name for name, _ in shared.loaded.model.named_modules())
+
+
+def test_a_snapshot_folder_that_cannot_take_a_file_falls_back_to_the_temporary_folder(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the folder should be")
+    shared = adapters.SharedBase(load_model("tiny-llama"), snapshot_dir=blocked)
+    before = logits(shared.loaded.model)
+    with shared.borrowed() as borrowed, torch.no_grad():
+        next(borrowed.model.parameters()).add_(1.0)
+    assert logits(shared.loaded.model).equal(before)
+
+
+def test_a_borrower_that_replaces_a_weight_gets_one_clear_error(tmp_path):
+    shared = adapters.SharedBase(load_model("tiny-llama"), snapshot_dir=tmp_path)
+    name, _ = next(iter(shared.loaded.model.named_parameters()))
+    with pytest.raises(RuntimeError, match=f"^the shared base's parameter {name} was replaced or reshaped"):
+        with shared.borrowed() as borrowed:
+            module_name, _, attribute = name.rpartition(".")
+            setattr(borrowed.model.get_submodule(module_name), attribute, torch.nn.Parameter(torch.zeros(3)))
 
 
 def test_training_on_the_shared_base_gives_the_same_adapter_as_on_a_fresh_base(experts, tmp_path):
