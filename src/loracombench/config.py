@@ -69,8 +69,9 @@ class TrainSettings(Strict):
     # just enough decoder layers in the backward pass that the layers keeping their activations
     # hold no more than this many tokens' worth; smaller ones recompute nothing. Only the longest
     # batches pay, and only for the layers they must (README "Memory" has the peak and time
-    # measured on the default run's longest rows). The same adapter; null: never recompute.
-    recompute_above_tokens: int | None = Field(1024, ge=1)
+    # measured on the default run's longest rows). 512 keeps the default run under 4 GB; at 1024
+    # GSM8K's longest batches alone took 4.2-4.4 GB. The same adapter; null: never recompute.
+    recompute_above_tokens: int | None = Field(512, ge=1)
     # Project the target positions onto the vocabulary this many at a time, each chunk's logits
     # recomputed in the backward pass instead of kept (training.batch_loss_sum): a micro-batch
     # then holds one chunk's logits, not all of its targets' (on GSM8K's longest batches about
