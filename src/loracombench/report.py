@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import io as stdio
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -287,11 +288,8 @@ def environment_note(records: list[dict]) -> str | None:
     """What computed the models' results (baselines record their own libraries). Several
     environments are each listed with their count: kernels for another CPU or GPU change the
     last bits of a score, and a mixed table should say so."""
-    counts: dict[str, int] = {}
-    for record in records:
-        if record["model"].get("kind") != "baseline":
-            line = describe_environment(record.get("environment") or {})
-            counts[line] = counts.get(line, 0) + 1
+    counts = Counter(describe_environment(record.get("environment") or {})
+                     for record in records if record["model"].get("kind") != "baseline")
     if len(counts) <= 1:
         return next((f"computed with {line}." for line in counts), None)
     return ("computed in several environments, whose kernels can differ in the last bits: "
