@@ -80,13 +80,20 @@ def run_baselines(task_name: str, train_rows: list[dict], eval_rows: list[dict],
     task, results = _evaluate(task_name, train_rows, eval_rows, seed)
     folders = []
     for baseline, scores, predictions, elapsed in results:
-        record = metrics.result_record(
-            task=task.name, split=split, n=len(eval_rows), seed=seed,
-            model={"label": baseline.name, "kind": "baseline"}, metrics=scores,
-            primary_metric=task.primary_metric, chance=task.chance,
+        record = baseline_record(
+            task, {"label": baseline.name, "kind": "baseline"}, scores, split=split, n=len(eval_rows), seed=seed,
             config={"baseline": baseline.name, **baseline.config, "n_train": len(train_rows), **(config or {})},
-            elapsed_s=round(elapsed, 3), environment=cache.code_versions(cache.BASELINE_LIBRARIES))
+            elapsed_s=round(elapsed, 3))
         folder = Path(out_dir) / baseline.name
         metrics.write_result(folder, record, predictions)
         folders.append(folder)
     return folders
+
+
+def baseline_record(task: Task, model: dict, scores: dict, *, split: str, n: int, seed: int, config: dict,
+                    elapsed_s: float | None = None) -> dict:
+    """A baseline's result record: the task's primary metric and chance, and as its environment
+    the versions of the libraries that fit it."""
+    return metrics.result_record(task=task.name, split=split, n=n, seed=seed, model=model, metrics=scores,
+                                 primary_metric=task.primary_metric, chance=task.chance, config=config,
+                                 elapsed_s=elapsed_s, environment=cache.code_versions(cache.BASELINE_LIBRARIES))

@@ -332,7 +332,7 @@ class Experiment:
         return Cell(f"eval {entry.slug} on {task}", folder, key, compute, gpu=True)
 
     def baseline_cells(self) -> list[Cell]:
-        from .baselines import baseline_names, evaluate_baselines
+        from .baselines import baseline_names, baseline_record, evaluate_baselines
 
         cells = []
         for task in self.config.tasks:
@@ -348,14 +348,11 @@ class Experiment:
                     rows = self.eval_rows(task)
                     [(_, result, predictions)] = evaluate_baselines(task, self.train_rows(task), rows,
                                                                     seed=self.config.data_seed, only=name)
-                    record = metrics.result_record(
-                        task=task, split=eval_config.split, n=len(rows), seed=eval_config.seed,
-                        model={"label": f"baseline: {name}", "kind": "baseline", "slug": f"baseline_{name}",
-                               "cell_key": key},
-                        metrics=result, primary_metric=get_task(task).primary_metric,
-                        chance=get_task(task).chance,
-                        config={"n_train": self.config.n_train[task], "data": self.data_source},
-                        environment=cache.code_versions(cache.BASELINE_LIBRARIES))
+                    record = baseline_record(
+                        get_task(task), {"label": f"baseline: {name}", "kind": "baseline",
+                                         "slug": f"baseline_{name}", "cell_key": key},
+                        result, split=eval_config.split, n=len(rows), seed=eval_config.seed,
+                        config={"n_train": self.config.n_train[task], "data": self.data_source})
                     metrics.write_result(folder, record, predictions)
 
                 cells.append(Cell(f"baseline {name} on {task}", folder, key, compute))
