@@ -50,7 +50,7 @@ from loracombench.evaluation import EvalConfig
 from loracombench.models import DEFAULT_MODEL, environment, load_model
 from loracombench.pipeline import Experiment
 from loracombench.tasks import get_task
-from loracombench.training import IGNORE_INDEX, encode_rows, lora_config, train_adapter, training_examples
+from loracombench.training import IGNORE_INDEX, lora_config, train_adapter, training_examples
 
 DEFAULT_OUT = Path(__file__).parent / "results"
 TRAIN_TASKS = ("ag_news", "gsm8k")
@@ -169,7 +169,7 @@ def hf_trainer_seconds(loaded, examples, settings: TrainSettings, scratch: str) 
 def train_one_task(ctx: Context, task_name: str, settings: TrainSettings) -> dict:
     task = get_task(task_name)
     rows = ctx.sample(task_name, "train", ctx.args.train_rows)
-    examples = [e for e in encode_rows(ctx.shared.loaded.tokenizer, task, rows, settings.max_length) if e is not None]
+    _, examples = training_examples(ctx.shared.loaded.tokenizer, [(task, rows)], settings.max_length)
     with tempfile.TemporaryDirectory() as scratch, ctx.shared.borrowed() as loaded:
         ours = train_adapter(loaded, task, rows, settings, Path(scratch) / "adapter", progress=False)["train_time_s"]
     with tempfile.TemporaryDirectory() as scratch, ctx.shared.borrowed() as loaded:
