@@ -9,7 +9,7 @@ export LORACOMBENCH_DATA_DIR ?= $(MIRROR)
 endif
 CONFIG ?= default
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-fast: install
 # BENCH_ARGS: e.g. --only scoring,merge, or --run-log run.log (the output of a finished `make run`).
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# tests/test_gpu.py on this machine's CUDA device; refused where there is none (README: "GPU").
+gpu-check: install
+	GPU_WHEELS= PYTHON=$(PY) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
