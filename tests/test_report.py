@@ -315,3 +315,49 @@ def test_compare_with_must_name_a_merge_or_composition_of_the_config():
 
     with pytest.raises(ConfigError, match=r"compare_with names \['tie'\].*valid: average"):
         load_config("smoke", {"compare_with": ["tie"]})
+
+
+def gsm8k_answers_result(n_answered: int) -> tuple[dict, list[dict]]:
+    """A GSM8K result that answered the first n_answered examples (all of them, for a baseline)."""
+    rows = [{"index": i, "gold": str(i), **({"correct_flexible": i < 2, "correct_strict": i < 2}
+                                            if i < n_answered else {})} for i in range(N_GSM)]
+    answered = rows[:n_answered]
+    return {metric: metrics.proportion(sum(r[field] for r in answered), n_answered)
+            for metric, field in (("exact_match_flexible", "correct_flexible"),
+                                  ("exact_match_strict", "correct_strict"))}, rows
+
+
+def report_markdown(run) -> str:
+    build_report(run)
+    return (run / "results.md").read_text()
+
+
+def gsm8k_note(markdown: str) -> str:
+    return next(line for line in markdown.splitlines() if line.startswith("- gsm8k: "))
+
+
+def test_the_sample_note_says_how_many_examples_models_and_baselines_were_scored_on(tmp_path):
+    """Models generate only the first n_generate examples; a baseline answers all of them. One
+    exact-match column holds both, so the note must give each its own count."""
+    write_model(tmp_path, "base", "base", None, {"gsm8k": gsm8k_result(0.0, span(3))})
+    write_model(tmp_path, "baseline: majority_answer", "baseline", None, {"gsm8k": gsm8k_answers_result(N_GSM)})
+    assert gsm8k_note(report_markdown(tmp_path)) == (
+        f"- gsm8k: {N_GSM} test examples (GSM8K EM (flexible) on the first {N_GENERATED} for models, "
+        f"on all {N_GSM} for baselines; GSM8K EM (strict) on the first {N_GENERATED} for models, "
+        f"on all {N_GSM} for baselines); chance 0.00")
+
+
+def test_the_sample_note_names_no_partial_metric_when_only_baselines_answered_every_example(tmp_path):
+    scores, rows = gsm8k_result(0.0, set())
+    scores = {"gold_nll": scores["gold_nll"]}
+    rows = [{k: v for k, v in row.items() if not k.startswith("correct")} for row in rows]
+    write_model(tmp_path, "base", "base", None, {"gsm8k": (scores, rows)})
+    write_model(tmp_path, "baseline: majority_answer", "baseline", None, {"gsm8k": gsm8k_answers_result(N_GSM)})
+    assert gsm8k_note(report_markdown(tmp_path)) == f"- gsm8k: {N_GSM} test examples; chance 0.00"
+
+
+def test_the_sample_note_of_models_alone_names_their_prefix(tmp_path):
+    write_model(tmp_path, "base", "base", None, {"gsm8k": gsm8k_result(0.0, span(3))})
+    assert gsm8k_note(report_markdown(tmp_path)) == (
+        f"- gsm8k: {N_GSM} test examples (GSM8K EM (flexible) on the first {N_GENERATED}; "
+        f"GSM8K EM (strict) on the first {N_GENERATED}); chance 0.00")

@@ -260,15 +260,27 @@ def markdown_table(records: list[dict]) -> str:
         notes.append("stored ΔW error: a compressed merge's relative Frobenius error of its stored update "
                      "against the method's exact update (max over modules); – = stored exactly.")
     notes += [note for note in [environment_note(records)] if note]
-    for task in table_tasks(records):
-        of_task = [r for r in records if r["task"] == task.name]
-        record = next((r for r in of_task if r["model"].get("kind") != "baseline"), of_task[0])
-        partial = [f"{metric.title} on the first {record['metrics'][metric.name]['n']}"
-                   for metric in task.report_metrics
-                   if metric.name in record["metrics"] and record["metrics"][metric.name]["n"] != record["n"]]
-        notes.append(f"{task.name}: {record['n']} {record['split']} examples"
-                     + (f" ({', '.join(partial)})" if partial else "") + f"; chance {record['chance']:.2f}")
+    notes += [sample_note(task, [r for r in records if r["task"] == task.name]) for task in table_tasks(records)]
     return "\n".join(_markdown(header, rows)) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+
+
+def sample_note(task, of_task: list[dict]) -> str:
+    """The task's evaluation sample, and each metric that some rows were scored on fewer examples
+    of: models generate only the first n_generate, while baselines answer every example."""
+    record = next((r for r in of_task if r["model"].get("kind") != "baseline"), of_task[0])
+    partial = []
+    for metric in task.report_metrics:
+        sizes = {}  # "models" / "baselines" -> how many examples the metric was computed on
+        for r in of_task:
+            if metric.name in r["metrics"]:
+                sizes.setdefault("baselines" if r["model"].get("kind") == "baseline" else "models",
+                                 r["metrics"][metric.name]["n"])
+        if any(n != record["n"] for n in sizes.values()):
+            partial.append(f"{metric.title} " + ", ".join(
+                f"on {'all ' + str(n) if n == record['n'] else 'the first ' + str(n)}"
+                + (f" for {kind}" if len(sizes) > 1 else "") for kind, n in sizes.items()))
+    return (f"{task.name}: {record['n']} {record['split']} examples"
+            + (f" ({'; '.join(partial)})" if partial else "") + f"; chance {record['chance']:.2f}")
 
 
 def describe_environment(environment: dict) -> str:
