@@ -54,10 +54,9 @@ def naive_ties(tasks: torch.Tensor, density: float) -> torch.Tensor:
 # Two tasks of rank 2 and 3 in an 8×9 module, with different scales and a negative weight.
 ADAPTERS = [factors(2, 9, 8, 2.0, seed=1), factors(3, 9, 8, 0.5, seed=2)]
 WEIGHTS = [0.9, -0.4]
-# Equal ranks: the core is then (T·r)², and TSV's per-task limit ⌊T·r/T⌋ = r keeps every
-# component, as it does in the full space. With unequal ranks the core's limit, ⌊Σrᵢ/T⌋, can
-# cut the larger adapter where the full space's ⌊min(out, in)/T⌋ does not.
 EQUAL_RANKS = [factors(2, 9, 8, 2.0, seed=3), factors(2, 9, 8, 0.5, seed=4)]
+# Beside a missing adapter (a zero update) the core is only as large as the one that is there.
+ONE_MISSING = [factors(3, 9, 8, 2.0, seed=5), None]
 
 
 # --- Core Space -------------------------------------------------------------------------------
@@ -77,11 +76,14 @@ def test_core_space_with_task_arithmetic_is_task_arithmetic():
     assert relative_error(core, 0.7 * weighted_sum(ADAPTERS, WEIGHTS)) < 1e-6
 
 
+@pytest.mark.parametrize("adapters", [EQUAL_RANKS, ADAPTERS, ONE_MISSING], ids=["equal", "unequal", "missing"])
 @pytest.mark.parametrize("inner", ["tsv", "iso_c"])
-def test_core_space_with_a_basis_free_method_equals_that_method_in_full_space(inner):
-    # TSV-M and Iso-C use only sums and singular vectors, which an orthonormal basis carries along.
-    core = merged_update("core_space", EQUAL_RANKS, WEIGHTS, {"merge": inner})
-    assert relative_error(core, merged_update(inner, EQUAL_RANKS, WEIGHTS)) < 1e-6
+def test_core_space_with_a_basis_free_method_equals_that_method_in_full_space(inner, adapters):
+    """TSV-M and Iso-C use only sums and singular vectors, which an orthonormal basis carries
+    along; TSV-M's ⌊min(out, in)/T⌋ components per task are counted in the module, not the core
+    (⌊5/2⌋ = 2 there would cut the rank-3 adapter, and ⌊3/2⌋ = 1 the one beside a missing one)."""
+    core = merged_update("core_space", adapters, WEIGHTS, {"merge": inner})
+    assert relative_error(core, merged_update(inner, adapters, WEIGHTS)) < 1e-6
 
 
 def test_core_space_ties_is_project_ties_reconstruct():

@@ -17,11 +17,14 @@ of basis carries along unchanged, so with them the core result equals the full-s
 (tests/test_merging_singular.py checks it); the core makes them cheap. TIES trims and elects signs
 entry by entry, so its result depends on the basis: merge=ties is where the core changes the answer.
 
-Defaults: merge=tsv, the reference's core configuration; density=0.7 for merge=ties, the
-reference's default top-K (the TIES paper's 0.2 is for full fine-tuning updates; the core is a
-dense Σrᵢ × Σrᵢ matrix); α (lam) = 1 where the reference searches 0.1-0.9 on validation data,
-which a data-free merge does not have. The reference merges the cores unweighted and scales the
-result; here the weights scale the tasks as in the inner method.
+Defaults: merge=tsv, the reference's core configuration; α (lam) = 1 where the reference
+searches 0.1-0.9 on validation data, which a data-free merge does not have. density=0.7 for
+merge=ties is not the reference's setting, although this docstring and the README once said it
+was: 0.7 is only the default of the reference's masking helper, while its ties_merging keeps the
+top 10% (topK=10), as its configs do, and its evaluation searches topK on validation data. The
+default stays 0.7 so that the committed tables reproduce; density=0.1 gives the reference's.
+The reference merges the cores unweighted and scales the result; here the weights scale the
+tasks as in the inner method.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from loracombench.merging import params as shared
 from loracombench.merging.factors import LoraFactors
 from loracombench.merging.registry import MergeMethod, get_method, parse_params, register
+from loracombench.merging.tsv import MODULE_SHAPE
 
 INNER_METHODS = {"ta": "task_arithmetic", "ties": "ties", "tsv": "tsv", "iso_c": "iso_c"}
 
@@ -53,6 +57,8 @@ def core_factors(factors: list[LoraFactors], u_b: torch.Tensor, v_a: torch.Tenso
 def merge_core_space(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
     inner = get_method(INNER_METHODS[params["merge"]])
     inner_params = parse_params(inner, {p.name: params[p.name] for p in inner.params if p.name in params})
+    if inner.name == "tsv":
+        inner_params[MODULE_SHAPE] = (factors[0].lora_B.shape[0], factors[0].lora_A.shape[1])
     u_b, v_a = core_bases(factors)
     core, details = inner.fn(core_factors(factors, u_b, v_a), weights, inner_params, module)
     merged = LoraFactors(core.lora_A @ v_a.T, u_b @ (core.scale * core.lora_B), 1.0)

@@ -58,9 +58,15 @@ def leading(parts: list[Components], counts: list[int]) -> list[Components]:
     return [(u[:, :k], s[:k], vh[:k]) for (u, s, vh), k in zip(parts, counts)]
 
 
+# Set by a caller that runs TSV-M on a change of basis of the module (Core Space's Σrᵢ-sized
+# core): the module's own (out, in), which the paper's ⌊min(out, in)/T⌋ is about. In the core it
+# would be ⌊Σrᵢ/T⌋, which cuts an adapter of more than the mean rank, or beside a missing one.
+MODULE_SHAPE = "module_shape"
+
+
 def merge_tsv(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
     out_features, in_features = factors[0].lora_B.shape[0], factors[0].lora_A.shape[1]
-    per_task_limit = max(1, min(out_features, in_features) // len(factors))
+    per_task_limit = max(1, min(params.get(MODULE_SHAPE, (out_features, in_features))) // len(factors))
     parts = task_components(factors, weights)
     counts = [min(kept_count(len(s), params["fraction"]), per_task_limit, len(s)) for _, s, _ in parts]
     if sum(counts) == 0:
