@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from loracombench import metrics
-from loracombench.report import build_report
+from loracombench.report import build_report, seeded_rows
 from loracombench.tasks import TASKS, ReportMetric, Task, register
 
 N_AG, N_GSM, N_GENERATED = 24, 10, 6
@@ -361,3 +361,15 @@ def test_the_sample_note_of_models_alone_names_their_prefix(tmp_path):
     assert gsm8k_note(report_markdown(tmp_path)) == (
         f"- gsm8k: {N_GSM} test examples (GSM8K EM (flexible) on the first {N_GENERATED}; "
         f"GSM8K EM (strict) on the first {N_GENERATED}); chance 0.00")
+
+
+def test_a_mean_over_seeds_says_how_many_seeds_it_is_over_when_some_have_no_value():
+    """The row is named for every seed of the label; a column some seeds lack (a retention whose
+    expert did not move the score) must not pass for a mean over all of them."""
+    records = [{"model": {"label": "merge: ties", "kind": "merge", "seed": seed}, "task": "ag_news"}
+               for seed in (0, 1, 2)]
+    cells = {("merge: ties", 0): [{"value": 0.5}, {"value": 0.25}],
+             ("merge: ties", 1): [{"value": 0.7}, None],
+             ("merge: ties", 2): [{"value": 0.6}, {"value": 0.75}]}
+    mean_row = seeded_rows(cells, records)[-1]
+    assert mean_row == ["merge: ties: mean ± std over 3 seeds", "0.600 ± 0.100", "0.500 ± 0.354 (2 of 3 seeds)"]

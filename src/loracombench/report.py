@@ -222,9 +222,16 @@ def seeded_rows(cells: dict[tuple, list[dict | None]], records: list[dict],
         if len(group) > 1:
             per_column = zip(*(cells[(label, seed)] for seed in group))
             rows.append([mean_row_name(label, len(group)),
-                         *(_mean_std([c["value"] for c in column if c and c.get("value") is not None])
-                           for column in per_column), *tail])
+                         *(_seeds_mean_std([c["value"] for c in column if c and c.get("value") is not None],
+                                           len(group)) for column in per_column), *tail])
     return rows
+
+
+def _seeds_mean_std(values: list[float], n_seeds: int) -> str:
+    """_mean_std over the seeds that have a value, saying how many when some have none (a
+    retention whose expert did not move the score), since the row's name counts every seed."""
+    cell = _mean_std(values)
+    return cell if len(values) in (0, n_seeds) else f"{cell} ({len(values)} of {n_seeds} seeds)"
 
 
 def needs_text(records: list[dict]) -> dict[str, str] | None:
