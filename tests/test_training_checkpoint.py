@@ -196,3 +196,55 @@ def test_checkpoint_interval_is_validated_and_outside_the_settings_that_decide_t
         TrainSettings(checkpoint_every=-1)
     assert TrainSettings(checkpoint_every=0).result_settings() == TrainSettings(checkpoint_every=7).result_settings()
     assert TrainSettings(seed=1).result_settings() != TrainSettings().result_settings()
+
+
+# ---------------------------------------------------------------- a user's folder in the way
+
+@pytest.mark.parametrize("every", [0, EVERY])
+def test_a_users_folder_where_checkpoints_go_is_refused_and_left_as_it_was(tmp_path, every):
+    """Training removes the checkpoints it does not resume, so a `<out>.checkpoint` holding
+    anything else (here a file, and a step-like folder with a file training never writes) is
+    refused before anything is touched, with checkpointing on or off."""
+    out = tmp_path / "my_adapter"
+    root = checkpoint_dir(out)
+    (root / "step_00000001").mkdir(parents=True)
+    (root / "step_00000001" / "notes.txt").write_text("mine")
+    (root / "data.csv").write_text("precious")
+    with pytest.raises(checkpoint.CheckpointError, match=r"my_adapter\.checkpoint is where training keeps its "
+                                                         r"checkpoints, but it holds what training did not write "
+                                                         r"\(data\.csv, step_00000001\)"):
+        train(out, checkpoint_every=every)
+    assert (root / "data.csv").read_text() == "precious" and (root / "step_00000001" / "notes.txt").exists()
+    assert not out.exists()
+
+
+def test_the_train_command_refuses_that_folder_before_loading_the_model(tmp_path, small_mirror, capsys,
+                                                                       monkeypatch):
+    from loracombench import cli, models
+
+    root = tmp_path / "my_adapter.checkpoint"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = cli.main(["train", "--task", "ag_news", "--model", "tiny-llama", "--data-dir", str(small_mirror),
+                     "--n-train", "8", "--out", str(tmp_path / "my_adapter")])
+    assert code != 0 and "holds what training did not write (notes.txt)" in capsys.readouterr().err
+    assert (root / "notes.txt").read_text() == "mine"
+
+
+def test_what_a_cut_short_removal_left_is_still_recognised_as_a_checkpoint(tmp_path, uninterrupted):
+    out = tmp_path / "adapter"
+    step = checkpoint_dir(out) / "step_00000004"
+    step.mkdir(parents=True)
+    (step / checkpoint.WEIGHTS_FILE).write_bytes(b"half of a removed checkpoint")
+    assert train(out)["resumed_from_step"] is None
+    assert result(out) == uninterrupted()
+    assert not checkpoint_dir(out).exists()
+
+
+def test_a_symlinked_output_keeps_its_checkpoints_beside_the_link(tmp_path):
+    target = tmp_path / "elsewhere" / "real"
+    target.parent.mkdir()
+    link = tmp_path / "adapter"
+    link.symlink_to(target, target_is_directory=True)
+    assert checkpoint_dir(link) == tmp_path / "adapter.checkpoint"

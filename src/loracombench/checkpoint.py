@@ -11,8 +11,11 @@ refuses anything but data: no pickled code is ever run.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -27,11 +30,52 @@ from . import io
 WEIGHTS_FILE = "lora.safetensors"
 STATE_FILE = "trainer_state.pt"
 PROGRESS_FILE = "progress.json"
+CHECKPOINT_FILES = {WEIGHTS_FILE, STATE_FILE, PROGRESS_FILE}
+
+
+STEP_FOLDER = re.compile(r"^step_\d{8}$")
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint folder beside the output holds something that is not a checkpoint."""
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir).resolve()  # "." or "x/.." still name a folder with a parent
+    # abspath, not resolve: "." or "x/.." still name a folder with a parent, and a symlinked
+    # output keeps its checkpoints beside the link, where the user looks, not beside its target.
+    out_dir = Path(os.path.abspath(out_dir))
     return out_dir.parent / f"{out_dir.name}.checkpoint"
+
+
+def check_checkpoint_dir(out_dir: str | Path) -> None:
+    """Refuse a `<out>.checkpoint` that is not a folder of this module's checkpoints (step
+    folders and the temporaries of their atomic saves): it is someone's data, and training
+    removes the checkpoints it does not resume."""
+    _check_root(checkpoint_dir(out_dir))
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists() and not root.is_symlink():
+        return
+    if root.is_symlink() or not root.is_dir():
+        foreign = [root.name]
+    else:
+        foreign = sorted(entry.name for entry in root.iterdir() if not _ours(entry))
+    if foreign:
+        raise CheckpointError(f"{root} is where training keeps its checkpoints, but it holds what training "
+                              f"did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                              "move it away or choose another output folder")
+
+
+def _ours(entry: Path) -> bool:
+    """A temporary of an atomic save, or a step folder holding checkpoint files only (all of
+    them, or fewer where a removal was cut short)."""
+    if entry.is_symlink():
+        return False
+    if io.is_leftover(entry.name):
+        return True
+    return (entry.is_dir() and STEP_FOLDER.match(entry.name) is not None
+            and all(f.name in CHECKPOINT_FILES and f.is_file() and not f.is_symlink() for f in entry.iterdir()))
 
 
 @dataclass
@@ -56,7 +100,9 @@ class Checkpoints:
     def restore(self, model, optimizer, schedule) -> Progress | None:
         """Load this run's latest checkpoint into the trainer and return its progress; None (and
         nothing changed) when there is none. Everything else in the checkpoint folder goes: other
-        runs' checkpoints, older steps, staging folders of killed saves."""
+        runs' checkpoints, older steps, staging folders of killed saves; a folder holding
+        anything else is refused (check_checkpoint_dir) before anything is removed."""
+        _check_root(self.root)
         latest = self._latest()
         self._remove_all_but(latest)
         if latest is None:
@@ -93,7 +139,8 @@ class Checkpoints:
         self._remove_all_but(folder)
 
     def discard(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Remove every checkpoint of the folder, then the folder if that leaves it empty."""
+        self._remove_all_but(None)
 
     def _latest(self) -> Path | None:
         for folder in sorted(self.root.glob("step_*"), reverse=True):
@@ -105,16 +152,19 @@ class Checkpoints:
         return None
 
     def _remove_all_but(self, keep: Path | None) -> None:
-        if keep is None:
-            self.discard()
+        """Remove the folder's checkpoints and temporaries but `keep`; nothing else is touched."""
+        if not self.root.is_dir() or self.root.is_symlink():
             return
         for entry in self.root.iterdir():
-            if entry == keep:
+            if entry == keep or not _ours(entry):
                 continue
             if entry.is_dir():
-                shutil.rmtree(entry)
+                shutil.rmtree(entry, ignore_errors=True)
             else:
-                entry.unlink()
+                entry.unlink(missing_ok=True)
+        if keep is None:
+            with contextlib.suppress(OSError):
+                self.root.rmdir()  # only if empty
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:

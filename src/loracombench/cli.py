@@ -110,6 +110,7 @@ def cmd_train(args) -> int:
     from pydantic import ValidationError
 
     from . import distributed
+    from .checkpoint import check_checkpoint_dir
     from .config import ConfigError, TrainSettings, flatten_validation_error, load_config
     from .data import load_sample
     from .models import check_device, load_model, resolve_dtype
@@ -120,6 +121,7 @@ def cmd_train(args) -> int:
     task = get_task(args.task)
     out = check_out(args.out or Path("models") / task.name, "adapter", overwrite=args.overwrite,
                     inputs={"--data-dir": _data_input(args.data_dir), "--model": _local_path(args.model)})
+    check_checkpoint_dir(out)
     preset = load_config()  # the default preset is the one source of the training defaults
     dtype = args.dtype or preset.dtype
     resolve_dtype(dtype, check_device(args.device))
