@@ -193,6 +193,11 @@ CASES = [
      "n_train.ag_news=1000"),
     ("run-remote-code-without-flag", [*RUN, "--config", "{w}/configs/remote_code.yaml", "--out", "{w}/new"],
      "--trust-remote-code"),
+    # every command that loads a config's model asks for the same consent
+    ("sweep-remote-code-without-flag", ["sweep", *M, "--config", "{w}/configs/remote_code.yaml",
+                                        "--learning-rates", "1e-3", "--out", "{w}/new"], "--trust-remote-code"),
+    ("verbalizers-remote-code-without-flag", ["verbalizers", *M, "--config", "{w}/configs/remote_code.yaml",
+                                              "--candidates", "a,b,c,d", "--out", "{w}/new"], "--trust-remote-code"),
     ("run-cuda-absent", [*RUN, "--config", "{w}/configs/cuda.yaml", "--out", "{w}/new"], "device 'cuda'"),
     ("run-bad-device", [*RUN, "--config", "{w}/configs/bad_device.yaml", "--out", "{w}/new"], "device 'tpu9'"),
     ("run-unknown-method", [*RUN, "--config", "{w}/configs/unknown_method.yaml", "--out", "{w}/new"], "'nope'"),
@@ -239,3 +244,12 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, monkeypatch,
 
 def test_the_table_covers_at_least_40_inputs():
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("command", [["run"], ["sweep", "--learning-rates", "1e-3"],
+                                     ["verbalizers", "--candidates", "a,b,c,d"]])
+def test_each_command_that_loads_a_configs_model_takes_the_remote_code_consent(command):
+    from loracombench.cli import build_parser
+
+    assert build_parser().parse_args([*command, "--trust-remote-code"]).trust_remote_code is True
+    assert build_parser().parse_args(command).trust_remote_code is False

@@ -280,9 +280,11 @@ def _validation_sizes(args, config) -> dict:
 
 def cmd_sweep(args) -> int:
     from .outputs import check_out
+    from .pipeline import check_remote_code
     from .sweep import sweep_learning_rates
 
     config = _sweep_config(args)
+    check_remote_code(config, args.trust_remote_code)
     if args.tasks:
         unknown = sorted(set(args.tasks) - set(config.tasks))
         if unknown:
@@ -302,9 +304,11 @@ def cmd_sweep(args) -> int:
 
 def cmd_verbalizers(args) -> int:
     from .outputs import check_out
+    from .pipeline import check_remote_code
     from .sweep import compare_verbalizers
 
     config = _sweep_config(args)
+    check_remote_code(config, args.trust_remote_code)
     candidates = [tuple(label.strip() for label in text.split(",")) for text in args.candidates]
     out = check_out(args.out or Path("runs") / f"{config.name}-verbalizers", "verbalizers", overwrite=args.overwrite,
                     inputs={"--data-dir": _data_input(args.data_dir)})
@@ -330,6 +334,12 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow custom model code from the hub (off by default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+
+
+def _add_remote_code_consent(parser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow custom model code when the config sets trust_remote_code: true "
+                             "(a config that does is refused without this flag)")
 
 
 def _add_data_arg(parser) -> None:
@@ -440,9 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole experiment: train, merge, evaluate, report (resumable)")
     p.add_argument("--config", default=None, help="preset name in configs/ or a YAML file (default: default)")
     p.add_argument("--model", default=None, help="override the config's base model")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow custom model code when the config sets trust_remote_code: true "
-                        "(the run refuses such a config without this flag)")
+    _add_remote_code_consent(p)
     _add_data_arg(p)
     p.add_argument("--out", type=Path, default=None,
                    help="run folder (default runs/<config name>); an earlier run folder is resumed, "
@@ -468,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-validation", type=count(1), default=None,
                    help="validation rows per task (default: all; GSM8K: train rows outside the training sample)")
     _add_data_arg(p)
+    _add_remote_code_consent(p)
     p.add_argument("--out", type=Path, default=None,
                    help="sweep folder (default runs/<config name>-lr-sweep); an earlier sweep there is resumed")
     p.set_defaults(func=cmd_sweep)
@@ -479,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label sets, comma-separated, in the task's label order")
     p.add_argument("--n-validation", type=count(1), default=None, help="validation rows (default: all)")
     _add_data_arg(p)
+    _add_remote_code_consent(p)
     add_out_args(p, "folder (default runs/<config name>-verbalizers)")
     p.set_defaults(func=cmd_verbalizers)
 

@@ -119,6 +119,14 @@ class ModelEntry:
         return info
 
 
+def check_remote_code(config: ExperimentConfig, allowed: bool) -> None:
+    """A config's trust_remote_code runs only with the command line's consent (--trust-remote-code),
+    for every command that loads the config's model: a config file may come from anyone."""
+    if config.trust_remote_code and not allowed:
+        raise ValueError("trust_remote_code: true in the config runs code from the model's repository; "
+                         "add --trust-remote-code to the command line to allow it")
+
+
 class Experiment:
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, progress: bool = True, executor=None):
         self.config = config
@@ -184,9 +192,7 @@ class Experiment:
 
     def preflight(self, trust_remote_code: bool = False) -> None:
         """Every check of the user's input that can fail, before anything is written."""
-        if self.config.trust_remote_code and not trust_remote_code:
-            raise ValueError("trust_remote_code: true in the config runs code from the model's repository; "
-                             "add --trust-remote-code to the command line to allow it")
+        check_remote_code(self.config, trust_remote_code)
         check_device(self.config.device, "config key device")
         for task in self.config.tasks:
             self.train_rows(task)
