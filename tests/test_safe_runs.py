@@ -256,3 +256,24 @@ def test_run_refuses_remote_code_without_the_flag_but_accepts_it_with(tmp_path, 
     monkeypatch.setattr(Experiment, "run", stub_run)
     assert main([*argv, "--trust-remote-code"]) == 0
     assert seen == [True]
+
+
+def test_an_interrupted_rewrite_of_a_result_folder_leaves_the_earlier_result_whole(tmp_path, monkeypatch):
+    """A result folder is published whole: Ctrl-C between its two files leaves the earlier
+    predictions and metrics together, never new predictions beside old metrics."""
+    folder = tmp_path / "eval" / "base" / "ag_news"
+    old_record = {"schema": metrics.SCHEMA, "n": 1}
+    metrics.write_result(folder, old_record, [{"index": 0, "prediction": "old"}])
+    real_write_json = io.write_json
+
+    def interrupted(path, data):
+        if Path(path).name == "metrics.json":
+            raise KeyboardInterrupt
+        return real_write_json(path, data)
+
+    monkeypatch.setattr(io, "write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        metrics.write_result(folder, {"schema": metrics.SCHEMA, "n": 2}, [{"index": 0, "prediction": "new"}])
+    assert metrics.read_result(folder) == old_record
+    assert metrics.read_predictions(folder) == [{"index": 0, "prediction": "old"}]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["ag_news"]  # no staging folder left

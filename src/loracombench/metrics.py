@@ -118,10 +118,14 @@ def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metr
 
 
 def write_result(out_dir: str | Path, record: dict, predictions: list[dict]) -> Path:
-    """Write predictions first and metrics.json last: metrics.json marks a finished result."""
+    """predictions.jsonl and metrics.json, published together (io.atomic_dir): an interrupted
+    rewrite of a result folder leaves the earlier result whole, never new predictions beside old
+    metrics, which the report would pair."""
     out_dir = Path(out_dir)
-    io.write_jsonl(out_dir / "predictions.jsonl", predictions)
-    return io.write_json(out_dir / "metrics.json", record)
+    with io.atomic_dir(out_dir) as staging:
+        io.write_jsonl(staging / "predictions.jsonl", predictions)
+        io.write_json(staging / "metrics.json", record)
+    return out_dir / "metrics.json"
 
 
 def read_result(out_dir: str | Path) -> dict:

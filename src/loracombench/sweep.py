@@ -112,8 +112,9 @@ def compare_verbalizers(config: ExperimentConfig, task_name: str, candidates: li
                         "predicted": [sum(col) for col in zip(*record["details"]["confusion_matrix"]["counts"])]})
         log(f"verbalizers {labels}: acc {results[-1]['accuracy']:.3f}, acc_norm {results[-1]['accuracy_norm']:.3f}")
     summary = {"task": task_name, "n_validation": len(rows), "model": config.model, "candidates": results}
-    io.write_json(Path(out_dir) / "verbalizers.json", summary)
-    io.write_text(Path(out_dir) / "verbalizers.md", verbalizers_markdown(summary))
+    with io.atomic_dir(out_dir) as staging:  # with --overwrite, the earlier pair stays until both are new
+        io.write_json(staging / "verbalizers.json", summary)
+        io.write_text(staging / "verbalizers.md", verbalizers_markdown(summary))
     return summary
 
 
