@@ -41,6 +41,8 @@ def test_routers_searches_and_multitask_run_beside_the_merges_with_their_needs(t
     assert record["model"]["needs"] == "training prompts" and "routing_accuracy" in record["metrics"]
     record = io.read_json(out / "eval" / "compose_route_arrow_sequence_seed0" / "gsm8k" / "metrics.json")
     assert record["model"]["needs"] == "a base pass per prompt" and "routing_accuracy" in record["metrics"]
+    record = io.read_json(out / "eval" / "compose_multitask_seed0" / "ag_news" / "metrics.json")
+    assert record["model"]["needs"] == "training data, gradients"  # its training rows, targets and all
     report = (out / "results.md").read_text()
     assert "task label at test" in report and "val/task" in report
     capsys.readouterr()
@@ -51,3 +53,12 @@ def test_routers_searches_and_multitask_run_beside_the_merges_with_their_needs(t
                  "multitask"):
         assert f"compose {name} (seed 0): cached" in log
     assert not list((out / "compositions" / "seed0").glob("*.scratch"))
+
+
+def test_a_sweep_without_n_validation_says_it_scores_fewer_rows_of_a_generation_task():
+    from loracombench.compose import get_composition
+
+    sweep = get_composition("weight_sweep", {"method": "task_arithmetic"})
+    assert sweep.needs().summary() == "50 val/task (20 for generation tasks), forward passes"
+    sweep = get_composition("weight_sweep", {"method": "task_arithmetic", "n_validation": 30})
+    assert sweep.needs().summary() == "30 val/task, forward passes"

@@ -3,6 +3,9 @@ validation rows, ranked within its grid and marked on its plot (issue 8)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import yaml
 
 from loracombench import adapters, io
@@ -90,3 +93,49 @@ def test_sweeps_on_the_same_rows_place_each_model_after_one_scoring(tmp_path, sm
         assert placed[0][label]["metrics"] == placed[1][label]["metrics"]
         sweep = io.read_json(out / "compositions" / "seed0" / "ta_sweep_fine" / SWEEP_FILE)
         assert placed[1][label]["grid_rank"] == grid_rank(sweep, placed[1][label]["metrics"])
+
+
+def test_a_placement_records_how_many_of_the_sweeps_rows_the_model_was_fitted_on(tmp_path, small_mirror, capsys):
+    """LoraHub searches on validation rows, and the sweep's rows are drawn from the same split:
+    where they are shared, its placement is in-sample, and placed.json and the plot say so."""
+    from loracombench.compose.weight_sweep import VALIDATION_FILE
+    from loracombench.config import ExperimentConfig
+    from loracombench.data import row_key, validation_sample
+    from loracombench.pipeline import Experiment
+
+    lorahub = {"method": "lorahub", "label": "hub", "params": {"budget": 2, "n_validation": 2}}
+    config = dict(SMOKE, merges=[], compositions=SMOKE["compositions"] + [lorahub])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(path), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
+    sweep_dir = out / "compositions" / "seed0" / "ta_sweep"
+    placed = {p["label"]: p for p in io.read_json(sweep_dir / PLACED_FILE)["placed"]}
+    # LoraHub's rows, drawn here as the data module draws them (eval seed 1234), not through the run.
+    experiment = Experiment(ExperimentConfig(**{**config, "data_dir": str(small_mirror)}), tmp_path / "unused")
+    expected = {}
+    for task, rows in io.read_json(sweep_dir / VALIDATION_FILE).items():
+        searched = {row_key(r) for r in validation_sample(task, 2, 1234, small_mirror, experiment.train_rows(task))}
+        expected[task] = {"fitted": sum(row_key(r) in searched for r in rows), "rows": len(rows)}
+    assert placed["hub"]["fitted_on_rows"] == expected
+    assert expected["gsm8k"]["fitted"] == 2  # GSM8K's held-out rows are so few that it used them all
+    assert all(c["fitted"] == 0 for c in placed["route_oracle"]["fitted_on_rows"].values())
+
+    # scripts/placement_overlap.py, behind the README's counts, prints the same from the data alone.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import placement_overlap
+
+    path.write_text(yaml.safe_dump({**config, "data_dir": str(small_mirror)}))
+    placement_overlap.main([str(path)])
+    text = ", ".join(f"{c['fitted']} of {c['rows']} {task}" for task, c in expected.items())
+    assert f"| {path} | ta_sweep | hub | {text} |" in capsys.readouterr().out
+
+
+def test_the_plot_legend_names_a_placed_models_fitted_rows():
+    from loracombench.compose.weight_sweep import fitted_note
+
+    assert fitted_note({"fitted_on_rows": {"ag_news": {"fitted": 3, "rows": 50},
+                                           "gsm8k": {"fitted": 20, "rows": 20}}}) == \
+        " (fitted on 3/50 ag_news, 20/20 gsm8k rows)"
+    assert fitted_note({"fitted_on_rows": {"ag_news": {"fitted": 0, "rows": 50}}}) == ""
+    assert fitted_note({}) == ""  # a placement recorded before the count existed

@@ -149,14 +149,15 @@ def validation_sample(task: Task | str, n: int | None, seed: int, data_dir, trai
     splits = task.splits if resolve_data_dir(data_dir) else task.hub_splits
     if "validation" in splits:
         return load_sample(task, "validation", n, seed, data_dir)
-    used = {_row_key(row) for row in training_rows}
-    held_out = [row for row in load_split(task, "train", data_dir) if _row_key(row) not in used]
+    used = {row_key(row) for row in training_rows}
+    held_out = [row for row in load_split(task, "train", data_dir) if row_key(row) not in used]
     if not held_out:
         raise DataError(f"{task.name}: the training sample uses the whole train split; no rows are left for validation")
     return subsample(held_out, n, seed, task)
 
 
-def _row_key(row: dict) -> str:
+def row_key(row: dict) -> str:
+    """A row's identity, to tell whether two samples share it."""
     return json.dumps(row, sort_keys=True)
 
 

@@ -231,7 +231,7 @@ class Experiment:
         if needs.validation_per_task:
             uses["validation"] = {"n": needs.validation_per_task, "data": self.data_source,
                                   "seed": self.config.eval.seed}
-        if needs.router_training or needs.gradients:
+        if needs.router_training or needs.training_data or needs.gradients:
             uses["train_data"] = {"n": self.config.n_train, "seed": self.config.data_seed, "data": self.data_source}
         if needs.base_forward or needs.gradients:
             uses["base"] = fingerprint
@@ -247,8 +247,8 @@ class Experiment:
                 borrow_base=self.shared.borrowed if (needs.base_forward or needs.gradients) else None,
                 validation={t: self.validation_rows(t, needs.validation_per_task) for t in experts}
                 if needs.validation_per_task else {},
-                train_rows={t: self.train_rows(t) for t in experts} if (needs.router_training or needs.gradients)
-                else {},
+                train_rows={t: self.train_rows(t) for t in experts}
+                if (needs.router_training or needs.training_data or needs.gradients) else {},
                 train_settings={t: self.config.train_settings(t, seed) for t in experts},
                 device=self.config.device, dtype=self.config.dtype, scratch=scratch, progress=self.progress)
             started = time.time()
@@ -271,22 +271,28 @@ class Experiment:
         return ModelEntry(f"{'merge' if static else 'compose'}_{name}_seed{seed}", metrics.model_label(name, kind),
                           kind, cell.output_key(composition.artefacts), lambda: composition.load(cell.folder), seed,
                           error or None,
-                          recorded["needs_summary"])
+                          # What the composition declares now: a label corrected in the code
+                          # reaches cells built before, whose keys it does not change.
+                          composition.needs().summary())
 
     def place_cell(self, sweep: Cell, sweep_composition: Composition, name: str, entry: ModelEntry,
-                   fingerprint: dict, seed: int) -> Cell:
+                   fingerprint: dict, seed: int, placed: Composition) -> Cell:
         """One composed model scored on a weight sweep's validation rows and ranked in its grid, so
-        that routers, LoraHub, LoRA Soups and the merges are placed on the sweep's plot (issue 8)."""
+        that routers, LoraHub, LoRA Soups and the merges are placed on the sweep's plot (issue 8).
+        A model trained or searched on validation rows may have seen some of the sweep's: the
+        placement records how many (weight_sweep.rows_fitted_on)."""
         deciding = (*sweep_composition.artefacts, weight_sweep.SWEEP_FILE, weight_sweep.VALIDATION_FILE)
+        n_fitted = placed.needs().validation_per_task
         key = cell_key({"sweep": sweep.output_key(deciding), "model": entry.key, "base": fingerprint,
-                        "precision": self.precision, "scoring": SCORING,
+                        "precision": self.precision, "scoring": SCORING, "fitted_validation": n_fitted,
                         "task_versions": {task: get_task(task).fingerprint() for task in self.config.tasks}})
         folder = sweep.folder / weight_sweep.PLACED_DIR / name
 
         def compute():
             scored = (entry.key, weight_sweep.validation_identity(sweep.folder))
+            fitted = {task: self.validation_rows(task, n_fitted) for task in self.config.tasks} if n_fitted else {}
             placement = weight_sweep.place(entry.load(), self.shared, sweep.folder, entry.label,
-                                           self._validation_scores.get(scored))
+                                           self._validation_scores.get(scored), fitted)
             self._validation_scores[scored] = placement["metrics"]
             io.write_json(folder / weight_sweep.PLACEMENT_FILE, {**placement, "kind": entry.kind, "cell_key": key})
             log(f"place {name} in {sweep.folder.name}: grid rank {placement['grid_rank']:.2f}")
@@ -299,11 +305,12 @@ class Experiment:
         experts and the base are the sweep's own references already)."""
         sweeps = [(composition, cell) for _, composition, cell in built
                   if isinstance(composition, weight_sweep.WeightSweep)]
-        others = [name for name, composition, _ in built if not isinstance(composition, weight_sweep.WeightSweep)]
+        others = [(name, composition) for name, composition, _ in built
+                  if not isinstance(composition, weight_sweep.WeightSweep)]
         if not others:
             return {}
-        return {cell.folder: [self.place_cell(cell, composition, name, entries[name], fingerprint, seed)
-                              for name in others] for composition, cell in sweeps}
+        return {cell.folder: [self.place_cell(cell, composition, name, entries[name], fingerprint, seed, placed)
+                              for name, placed in others] for composition, cell in sweeps}
 
     @staticmethod
     def summarise_placements(placements: dict[Path, list[Cell]]) -> None:

@@ -26,7 +26,9 @@ ONLY_ROUTE = "model"
 class Needs:
     """What a composition uses beyond the experts' weights."""
 
-    validation_per_task: int = 0  # labelled validation examples of each task
+    validation_per_task: int = 0  # labelled validation examples of each task (at most: see validation_note)
+    validation_note: str = ""  # what the summary adds when fewer are used for some tasks
+    training_data: bool = False  # the tasks' labelled training rows, targets and all
     gradients: bool = False  # trains something by backpropagation through the base model
     router_training: bool = False  # the tasks' training prompts, labelled with their task
     task_label_at_inference: bool = False  # is told each test example's task
@@ -36,8 +38,10 @@ class Needs:
     def summary(self) -> str:
         parts = []
         if self.validation_per_task:
-            parts.append(f"{self.validation_per_task} val/task")
-        if self.router_training:
+            parts.append(f"{self.validation_per_task} val/task{self.validation_note}")
+        if self.training_data:
+            parts.append("training data")
+        elif self.router_training:
             parts.append("training prompts")
         if self.gradients:
             parts.append("gradients")

@@ -31,7 +31,7 @@ class Multitask(Composition):
             raise ValueError(f"composition 'multitask': rank_factor must be an integer >= 1, got {factor!r}")
 
     def needs(self) -> Needs:
-        return Needs(gradients=True)
+        return Needs(training_data=True, gradients=True)
 
     def settings(self, inputs: BuildInputs):
         """The experts' settings at rank_factor times their rank. How activations are kept does not

@@ -53,6 +53,7 @@ import torch
 
 from .. import adapters, io, metrics, stats
 from ..config import stable_hash
+from ..data import row_key
 from ..evaluation import SCORERS, EvalConfig, evaluate_composed
 from ..merging.factors import LoraFactors
 from ..tasks import Task, get_task
@@ -268,15 +269,35 @@ def validation_identity(sweep_dir: str | Path) -> str:
     return stable_hash({"rows": io.read_json(sweep_dir / VALIDATION_FILE), "dtype": read_sweep(sweep_dir)["dtype"]})
 
 
-def place(composed: Composed, shared, sweep_dir: str | Path, label: str, values: dict[str, float] | None = None) -> dict:
+def place(composed: Composed, shared, sweep_dir: str | Path, label: str, values: dict[str, float] | None = None,
+          fitted: dict[str, list[dict]] | None = None) -> dict:
     """A model's validation metrics on the sweep's rows (score_composed, unless `values` already
-    holds them for the same validation_identity), its objective and its rank in the grid."""
+    holds them for the same validation_identity), its objective and its rank in the grid.
+    `fitted`: the validation rows the model was trained or searched on, by task; how many of the
+    sweep's rows are among them is recorded, since there its placement is in-sample."""
     sweep = read_sweep(sweep_dir)
     values = score_composed(composed, shared, sweep_dir, label) if values is None else values
     rank = grid_rank(sweep, values)
     value = objective(values, sweep["references"], sweep["tasks_in_objective"], sweep["selection"])
     return {"label": label, "metrics": values, "objective": finite_or_none(value), "grid_rank": rank,
-            "within_best_share": rank <= BEST_SHARE}
+            "within_best_share": rank <= BEST_SHARE,
+            "fitted_on_rows": rows_fitted_on(io.read_json(Path(sweep_dir) / VALIDATION_FILE), fitted or {})}
+
+
+def rows_fitted_on(sweep_rows: dict[str, list[dict]], fitted: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    """Per task, how many of a sweep's validation rows are among the `fitted` rows, of how many."""
+    counts = {}
+    for task, task_rows in sweep_rows.items():
+        used = {row_key(row) for row in fitted.get(task, [])}
+        counts[task] = {"fitted": sum(row_key(row) in used for row in task_rows), "rows": len(task_rows)}
+    return counts
+
+
+def fitted_note(placement: dict) -> str:
+    """'' for a placement on rows the model never fitted, else what its legend entry adds."""
+    shares = [f"{c['fitted']}/{c['rows']} {task}" for task, c in placement.get("fitted_on_rows", {}).items()
+              if c["fitted"]]
+    return f" (fitted on {', '.join(shares)} rows)" if shares else ""
 
 
 def write_placements(sweep_dir: str | Path, placements: list[dict]) -> Path:
@@ -287,7 +308,8 @@ def write_placements(sweep_dir: str | Path, placements: list[dict]) -> Path:
     unchanged = (sweep_dir / PLOT_ALL_FILE).is_file() and (sweep_dir / PLACED_FILE).is_file() \
         and io.read_json(sweep_dir / PLACED_FILE) == summary
     if not unchanged:
-        plot_pareto(sweep_dir, sweep_dir / PLOT_ALL_FILE, others={p["label"]: p["metrics"] for p in placements})
+        plot_pareto(sweep_dir, sweep_dir / PLOT_ALL_FILE,
+                    others={p["label"] + fitted_note(p): p["metrics"] for p in placements})
         io.write_json(sweep_dir / PLACED_FILE, summary)
     return sweep_dir / PLACED_FILE
 
@@ -366,8 +388,13 @@ class WeightSweep(Composition):
             raise WeightSweepError(f"composition 'weight_sweep': {problem}")
 
     def needs(self) -> Needs:
-        n = self.params["n_validation"] or max(DEFAULT_N_VALIDATION.values())
-        return Needs(validation_per_task=n, base_forward=True)
+        if self.params["n_validation"]:
+            return Needs(validation_per_task=self.params["n_validation"], base_forward=True)
+        # The run draws the most any kind takes; the sweep scores fewer of them for some kinds.
+        fewer = ", ".join(f"{n} for {kind.replace('_', '-')} tasks" for kind, n in DEFAULT_N_VALIDATION.items()
+                          if n < max(DEFAULT_N_VALIDATION.values()))
+        return Needs(validation_per_task=max(DEFAULT_N_VALIDATION.values()), validation_note=f" ({fewer})",
+                     base_forward=True)
 
     def load(self, out_dir: Path) -> Composed:
         return OneModel(out_dir / ADAPTER_DIR)
