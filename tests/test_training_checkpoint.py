@@ -248,3 +248,25 @@ def test_a_symlinked_output_keeps_its_checkpoints_beside_the_link(tmp_path):
     link = tmp_path / "adapter"
     link.symlink_to(target, target_is_directory=True)
     assert checkpoint_dir(link) == tmp_path / "adapter.checkpoint"
+
+
+def test_a_checkpoint_carries_the_fp16_loss_scale_to_the_resumed_run(tmp_path):
+    """fp16 training skips the steps whose gradients overflow and adapts its loss scale; a resumed
+    run must continue from the saved scale, not restart at the initial one. A CPU GradScaler
+    stands in for CUDA's (fp16 training itself needs CUDA)."""
+    model = load_model("tiny-llama").model
+    training.init_lora(model, TrainSettings(r=4), "ag_news")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=3)
+    scaler.scale(torch.tensor(1.0))  # the scale is made on first use
+    scaler.update(new_scale=1234.0)
+    saved = checkpoint.Checkpoints(tmp_path / "adapter", "run", every=1)
+    saved.save(checkpoint.Progress(1, [{"loss": 1.0}], 0.0), 5, model, optimizer, schedule, scaler)
+    resumed_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=3)
+    assert saved.restore(model, optimizer, schedule, resumed_scaler).step == 1
+    assert resumed_scaler.get_scale() == 1234.0
+    # A disabled scaler (every precision but fp16) saves nothing and loads nothing.
+    saved.save(checkpoint.Progress(2, [{"loss": 1.0}] * 2, 0.0), 5, model, optimizer, schedule,
+               torch.amp.GradScaler("cpu", enabled=False))
+    assert saved.restore(model, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False)).step == 2

@@ -97,7 +97,7 @@ class Checkpoints:
         self.run_key = run_key
         self.every = every
 
-    def restore(self, model, optimizer, schedule) -> Progress | None:
+    def restore(self, model, optimizer, schedule, scaler=None) -> Progress | None:
         """Load this run's latest checkpoint into the trainer and return its progress; None (and
         nothing changed) when there is none. Everything else in the checkpoint folder goes: other
         runs' checkpoints, older steps, staging folders of killed saves; a folder holding
@@ -119,10 +119,11 @@ class Checkpoints:
                 param.copy_(weights[name])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
+        load_scaler_state(scaler, state.get("scaler"))
         _set_rng_states(state["rng"])
         return progress
 
-    def save(self, progress: Progress, total_steps: int, model, optimizer, schedule) -> None:
+    def save(self, progress: Progress, total_steps: int, model, optimizer, schedule, scaler=None) -> None:
         """Checkpoint every `every` steps (0: never); not after the last step, whose adapter is
         saved next anyway."""
         if not self.every or progress.step % self.every or progress.step >= total_steps:
@@ -131,7 +132,10 @@ class Checkpoints:
         with io.atomic_dir(folder) as staging:
             save_file({name: p.detach().cpu().contiguous() for name, p in _trainable(model).items()},
                       staging / WEIGHTS_FILE)
+            # The loss scale of fp16 training (empty for a disabled scaler): without it a resumed
+            # run restarts at the initial scale and skips other steps than an uninterrupted one.
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else {},
                         "rng": _rng_states()}, staging / STATE_FILE)
             io.write_json(staging / PROGRESS_FILE, {"run_key": self.run_key, "step": progress.step,
                                                     "train_time_s": progress.train_time_s,
@@ -165,6 +169,13 @@ class Checkpoints:
         if keep is None:
             with contextlib.suppress(OSError):
                 self.root.rmdir()  # only if empty
+
+
+def load_scaler_state(scaler, state: dict | None) -> None:
+    """A GradScaler's saved state, where both it and the state are for loss scaling (fp16); a
+    checkpoint from before the scale was saved leaves the scaler at its start."""
+    if scaler is not None and scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:

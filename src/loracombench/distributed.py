@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from .checkpoint import load_scaler_state
 from .models import ModelError, pick_device
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -78,16 +79,18 @@ class World:
         dist.all_reduce(total)
         return total.item()
 
-    def share_restored_state(self, model, optimizer, schedule, restored):
-        """Rank 0's restored checkpoint (its progress, LoRA weights, optimizer and schedule states)
-        given to every rank, which then all start from the same state; returns the progress."""
+    def share_restored_state(self, model, optimizer, schedule, scaler, restored):
+        """Rank 0's restored checkpoint (its progress, LoRA weights, optimizer, schedule and loss
+        scaler states) given to every rank, which then all start from the same state; returns the
+        progress."""
         if self.size == 1:
             return restored
         trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
         payload = [None]
         if self.is_main and restored is not None:
             payload = [{"progress": restored, "weights": {name: p.detach().cpu() for name, p in trainable.items()},
-                        "optimizer": _on_cpu(optimizer.state_dict()), "schedule": schedule.state_dict()}]
+                        "optimizer": _on_cpu(optimizer.state_dict()), "schedule": schedule.state_dict(),
+                        "scaler": scaler.state_dict()}]
         dist.broadcast_object_list(payload, src=0)
         state = payload[0]
         if state is None or self.is_main:
@@ -97,6 +100,7 @@ class World:
                 param.copy_(state["weights"][name])
         optimizer.load_state_dict(state["optimizer"])  # moves the moments onto this rank's device
         schedule.load_state_dict(state["schedule"])
+        load_scaler_state(scaler, state["scaler"])
         return state["progress"]
 
 

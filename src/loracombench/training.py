@@ -213,16 +213,17 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     steps = planned_batches(kept, config)
     # Linear decay to zero without warm-up, as transformers' Trainer does by default.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(steps))
+    # fp16 gradients underflow without loss scaling; for every other precision the scaler is a no-op.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     checkpoints = Checkpoints(out_dir, run_key(loaded, identity, kept, config, device, precision),
                               config.checkpoint_every if world.is_main else 0)
-    resumed = world.share_restored_state(model, optimizer, schedule,
-                                         checkpoints.restore(model, optimizer, schedule) if world.is_main else None)
+    resumed = world.share_restored_state(
+        model, optimizer, schedule, scaler,
+        checkpoints.restore(model, optimizer, schedule, scaler) if world.is_main else None)
     done = resumed or Progress(step=0, curve=[], train_time_s=0.0)
     if resumed and world.is_main:
         print(f"train {name}: resuming at step {resumed.step} of {len(steps)} from {checkpoints.root}",
               file=sys.stderr, flush=True)
-    # fp16 gradients underflow without loss scaling; for every other precision the scaler is a no-op.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     curve, started = done.curve, time.time()
     bar = tqdm(total=len(steps), initial=done.step, desc=f"train {name}", disable=not (progress and world.is_main))
     model.train()
@@ -234,7 +235,7 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
             curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum,
                           "lr": schedule.get_last_lr()[0]})
             checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
-                             model, optimizer, schedule)
+                             model, optimizer, schedule, scaler)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
     bar.close()
