@@ -375,3 +375,14 @@ def test_arrow_sequence_declares_its_pass_and_refuses_what_it_cannot_route(exper
     expected = r"names the experts \['ag_news', 'narrow'\], experts.json \['ag_news', 'wide'\]"
     with pytest.raises(ValueError, match=expected):
         composition.load(tmp_path / "mixed")
+
+
+def test_a_module_no_expert_changes_casts_no_vote():
+    """Every prototype zero: its logits tie at zero for every token, and argmax alone would give
+    them all to the first expert. Only the module the experts do change votes."""
+    from loracombench.compose.arrow_sequence_router import votes
+
+    inputs = {"changed": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]]), "unchanged": torch.ones(3, 2)}
+    prototypes = {"changed": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "unchanged": torch.zeros(2, 2)}
+    assert votes(inputs, prototypes).tolist() == [1, 2]
+    assert votes({"unchanged": inputs["unchanged"]}, {"unchanged": prototypes["unchanged"]}).tolist() == [0, 0]

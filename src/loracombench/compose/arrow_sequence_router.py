@@ -53,12 +53,15 @@ def prototype(factors) -> torch.Tensor:
 def votes(inputs: dict[str, torch.Tensor], prototypes: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per expert, how many (token, layer) pairs have it as their top-1 Arrow expert.
 
-    inputs: module -> its inputs (tokens × in_features); prototypes: module -> (experts × in)."""
-    counts = None
+    inputs: module -> its inputs (tokens × in_features); prototypes: module -> (experts × in).
+    A module that no expert changes (every prototype zero) casts no vote: its logits all tie at
+    zero, and argmax would hand each of its tokens to the first expert."""
+    counts = torch.zeros(next(iter(prototypes.values())).shape[0], dtype=torch.long)
     for module, stacked in prototypes.items():
+        if not stacked.any():
+            continue
         logits = (inputs[module] @ stacked.T).abs()
-        counted = torch.bincount(logits.argmax(dim=1), minlength=stacked.shape[0])
-        counts = counted if counts is None else counts + counted
+        counts += torch.bincount(logits.argmax(dim=1), minlength=stacked.shape[0])
     return counts
 
 
