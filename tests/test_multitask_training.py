@@ -26,17 +26,20 @@ GSM = [{"question": f"Tom has {a} apples and buys {b} more. How many apples?",
 ROWS = {"ag_news": AG, "gsm8k": GSM}
 SETTINGS = dict(epochs=2, batch_size=3, grad_accum=2, max_length=64, learning_rate=5e-3, r=4, checkpoint_every=0)
 
-# SHA-256 of the expert adapters and loss curves that main's code (b061dc2, before multitask
-# training and data parallelism) wrote for SETTINGS on tiny-llama, on CPU with torch 2.13.0 and
-# ATen's AVX2 kernels. A CPU with AVX-512 runs other kernels by default (softmax, reductions, the
-# optimizer's), which move the last bits, so the training runs in a child process pinned to AVX2.
+# SHA-256 of the expert adapters that main's code (b061dc2, before multitask training and data
+# parallelism) wrote for SETTINGS on tiny-llama, on CPU with torch 2.13.0 and ATen's AVX2 kernels,
+# and of the JSON list of their loss curves' losses. The test once hashed the whole
+# loss_curve.json, whose lr column then held each step's next rate (fixed 2026-11-29); the code
+# that wrote those reference files gives these loss hashes too. A CPU with AVX-512 runs other kernels by default (softmax,
+# reductions, the optimizer's), which move the last bits, so training runs in a child process
+# pinned to AVX2.
 REFERENCE_TORCH = "2.13.0"
 REFERENCE_CAPABILITY = "avx2"
 REFERENCE = {
     "ag_news": ("94aca9eae6f2671247b613fc39d24b396322707527cf824c4993aae92fde3fda",
-                "b538ae198750ceafc7ac898fb375ec51f35fad213b911e14ee6f6b18500b908b"),
+                "648279fa9b76b15537032b88b949e256b93a08c17de3f6edef2503bc61e2d3a2"),
     "gsm8k": ("cac43d49d562ffccb1ce83dd3bdc71472deaec68e5aa005a2ee752079a8ca1dd",
-              "52f4909f4fd06327b9ae0608afb6640a001caf659b0c81184f8e4f22645aa163"),
+              "33cdd8c5ad965dfdc9ddde7aa4f31297a9898af8b7574b2d8eaf6edfaecf118e"),
 }
 TRAIN_IN_CHILD = """
 import json, sys
@@ -70,7 +73,12 @@ def test_expert_training_writes_the_bytes_it_wrote_before_multitask_training(tmp
                            capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.split()[-1] == REFERENCE_CAPABILITY.upper()
-    assert (sha256(tmp_path / adapters.WEIGHTS_FILE), sha256(tmp_path / "loss_curve.json")) == REFERENCE[task]
+    curve = json.loads((tmp_path / "loss_curve.json").read_text())
+    losses = hashlib.sha256(json.dumps([step["loss"] for step in curve]).encode()).hexdigest()
+    assert (sha256(tmp_path / adapters.WEIGHTS_FILE), losses) == REFERENCE[task]
+    # Each step logs the rate it trained at: the full rate first, then linear decay towards zero.
+    rate = SETTINGS["learning_rate"]
+    assert [step["lr"] for step in curve] == pytest.approx([rate * (1 - k / len(curve)) for k in range(len(curve))])
 
 
 def target_tokens(tokenizer, task_name: str, rows: list[dict], max_length: int) -> int:
@@ -161,3 +169,14 @@ def test_the_audited_loss_batches_are_the_batches_trained_on(tmp_path, monkeypat
     (tmp_path / "out").mkdir()
     composition.build(inputs, tmp_path / "out")
     assert trained and trained == composition.loss_batches(inputs, shared.loaded.tokenizer)
+
+
+def test_an_example_that_fits_max_length_exactly_is_not_counted_as_truncated():
+    tokenizer, task = load_model("tiny-llama").tokenizer, get_task("gsm8k")
+    row = GSM[0]
+    full = encode_example(tokenizer, task.prompt(row), task.target(row), 10_000)
+    length = len(full.input_ids)
+    assert not full.truncated
+    assert not encode_example(tokenizer, task.prompt(row), task.target(row), length).truncated
+    cut = encode_example(tokenizer, task.prompt(row), task.target(row), length - 1)
+    assert cut.truncated and len(cut.input_ids) == length - 1

@@ -36,6 +36,7 @@ TARGET_LOSS_VERSION = 2
 class Example:
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False  # max_length cut the sequence (a sequence of exactly max_length was not)
 
 
 def encode_example(tokenizer, prompt: str, target: str, max_length: int, eos: bool = True) -> Example | None:
@@ -49,7 +50,7 @@ def encode_example(tokenizer, prompt: str, target: str, max_length: int, eos: bo
     labels[0] = IGNORE_INDEX
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return Example(input_ids, labels)
+    return Example(input_ids, labels, truncated=len(prompt_ids) + len(target_ids) > max_length)
 
 
 def encode_rows(tokenizer, task: Task, rows: list[dict], max_length: int) -> list[Example | None]:
@@ -231,9 +232,9 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
         trainer = Trainer(model, optimizer, schedule, scaler, tokenizer.pad_token_id, device, precision, world,
                           recompute, config.loss_chunk_tokens)
         for epoch, step in steps[done.step:]:
+            rate = schedule.get_last_lr()[0]  # the rate this step trains at; trainer.step advances it
             loss_sum = trainer.step(step)
-            curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum,
-                          "lr": schedule.get_last_lr()[0]})
+            curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum, "lr": rate})
             checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
                              model, optimizer, schedule, scaler)
             bar.update(1)
@@ -244,7 +245,7 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
     metadata = {
         "kind": "trained", **identity, "base_model": loaded.fingerprint,
         "config": config.model_dump(), "seed": config.seed, "init_seed": lora_init_seed(config, name),
-        **example_counts(encoded, config.max_length),
+        **example_counts(encoded),
         "train_time_s": round(elapsed, 2), "steps": len(curve),
         "final_loss": curve[-1]["loss"], "device": str(device), "dtype": dtype_name(precision),
         "world_size": world.size, "environment": environment(device),
@@ -312,12 +313,12 @@ def per_task(counts: dict[str, int]) -> int | dict[str, int]:
     return next(iter(counts.values())) if len(counts) == 1 else counts
 
 
-def example_counts(encoded: dict[str, list[Example | None]], max_length: int) -> dict:
+def example_counts(encoded: dict[str, list[Example | None]]) -> dict:
     """How many examples each task's training used (the others had no target token left) and how
     many of those max_length cut."""
     used = {task: [e for e in examples if e is not None] for task, examples in encoded.items()}
     return {"n_used": per_task({task: len(examples) for task, examples in used.items()}),
-            "n_truncated": per_task({task: sum(len(e.input_ids) == max_length for e in examples)
+            "n_truncated": per_task({task: sum(e.truncated for e in examples)
                                      for task, examples in used.items()})}
 
 
