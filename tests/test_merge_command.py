@@ -129,6 +129,17 @@ def test_diagnose_writes_json_and_plot(tmp_path, two_adapters):
     assert main(["diagnose", "--adapters", str(two_adapters[0]), "--out", str(tmp_path / "one")]) == 2
 
 
+def test_diagnose_lists_the_modules_an_adapter_lacks_and_computes_over_the_shared_ones(tmp_path):
+    qv = make_adapter(tmp_path / "qv", 1)
+    q = make_adapter(tmp_path / "q", 2, targets=("q_proj",))
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--adapters", str(qv), str(q), "--out", str(out)]) == 0
+    result = json.loads((out / "diagnostics.json").read_text())
+    v_modules = sorted(m for m in adapters.read_adapter(qv).factors if "v_proj" in m)
+    assert v_modules and result["skipped_modules"] == v_modules
+    assert sorted(result["modules"]) == sorted(adapters.read_adapter(q).factors)
+
+
 def _dense_update(method: str, factors: list, module: str) -> torch.Tensor:
     """The method's merged ΔW from its dense definition, with no factor storage involved."""
     from loracombench.merging import METHODS, parse_params

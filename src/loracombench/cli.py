@@ -224,10 +224,11 @@ def cmd_diagnose(args) -> int:
     out = check_out(args.out, "diagnostics", overwrite=args.overwrite, inputs={"--adapters": args.adapters})
     loaded = [read_adapter(p) for p in args.adapters]
     check_same_base(loaded)
-    common = sorted(set.intersection(*(set(a.factors) for a in loaded)))
-    if not common:
+    if not set.intersection(*(set(a.factors) for a in loaded)):
         raise ValueError("the adapters share no module")
-    result = diagnose({name: [a.factors[name] for a in loaded] for name in common})
+    # Every module, None where an adapter lacks it: diagnose lists those in skipped_modules.
+    every = sorted(set.union(*(set(a.factors) for a in loaded)))
+    result = diagnose({name: [a.factors.get(name) for a in loaded] for name in every})
     result["adapters"] = [str(a.path) for a in loaded]
     with io.atomic_dir(out) as staging:
         io.write_json(staging / "diagnostics.json", result)
