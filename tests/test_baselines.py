@@ -164,3 +164,21 @@ def test_one_named_baseline_is_fitted_alone_and_an_unknown_name_is_refused(monke
     assert alone[0][1] == everything["tfidf_logreg"][0]
     with pytest.raises(ValueError, match="no baseline 'tfidf'.*tfidf_logreg"):
         baselines.evaluate_baselines("ag_news", AG_TRAIN, AG_TEST, only="tfidf")
+
+
+def test_the_baseline_command_draws_a_runs_evaluation_rows_with_the_runs_seeds(tmp_path, fast_bootstrap):
+    """A run draws its training rows with data_seed and its test rows with eval.seed; the command's
+    defaults are the same, so its baselines score the rows the run's models are scored on."""
+    from loracombench.config import EvalSettings
+    from loracombench.data import load_sample
+
+    mirror = write_mirror(tmp_path / "mirror")
+    out = tmp_path / "baselines"
+    assert run_cli(["baseline", "--task", "ag_news", "--data-dir", str(mirror), "--n-eval", "4",
+                    "--out", str(out)]) == 0
+    task = get_task("ag_news")
+    run_rows = load_sample(task, "test", 4, EvalSettings().seed, mirror)
+    golds = [p["gold"] for p in metrics.read_predictions(out / "majority_class")]
+    assert golds == [task.gold_index(row) for row in run_rows]
+    # Drawn with the training seed instead, as the command once did, the rows come in another order.
+    assert [task.gold_index(r) for r in load_sample(task, "test", 4, 0, mirror)] != golds

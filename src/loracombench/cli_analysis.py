@@ -23,6 +23,7 @@ def _tasks_with_baselines() -> dict[str, list[str]]:
 
 def add_parsers(subparsers) -> None:
     from .cli import SAMPLE_HELP, add_out_args, count
+    from .config import EvalSettings
 
     eda = subparsers.add_parser(
         "eda",
@@ -55,7 +56,11 @@ def add_parsers(subparsers) -> None:
                       help=f"seeded sample of N training rows (default: all; {SAMPLE_HELP})")
     base.add_argument("--n-eval", type=count(1), default=None,
                       help=f"seeded sample of N test rows (default: all; {SAMPLE_HELP})")
-    base.add_argument("--seed", type=int, default=0, help="sampling and model seed (default: 0)")
+    base.add_argument("--seed", type=int, default=0,
+                      help="training sample's and baselines' seed, a run's data_seed (default: 0)")
+    base.add_argument("--eval-seed", type=int, default=EvalSettings().seed,
+                      help="test sample's seed, a run's eval.seed (default: %(default)s), so that a run's "
+                           "sizes and seeds give its evaluation rows")
     add_out_args(base, "output folder", required=True)
     base.set_defaults(func=run_baseline_command)
 
@@ -101,14 +106,15 @@ def run_baseline_command(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     check_out(args.out, "baseline", overwrite=args.overwrite, inputs={"--data-dir": resolve_data_dir(args.data_dir)})
     train = load_sample(task, "train", args.n_train, args.seed, args.data_dir, what="--n-train")
-    evaluation = load_sample(task, "test", args.n_eval, args.seed, args.data_dir, what="--n-eval")
+    evaluation = load_sample(task, "test", args.n_eval, args.eval_seed, args.data_dir, what="--n-eval")
     with atomic_dir(args.out) as staging:
         written = run_baselines(task.name, train, evaluation, staging, seed=args.seed, split="test",
                                 config={"n_train_requested": args.n_train, "n_eval_requested": args.n_eval})
     folders = [args.out / folder.name for folder in written]
     from .metrics import read_result
 
-    print(f"{task.name}: {len(train)} train rows, {len(evaluation)} test rows, seed {args.seed}")
+    print(f"{task.name}: {len(train)} train rows (seed {args.seed}), {len(evaluation)} test rows "
+          f"(seed {args.eval_seed})")
     for folder in folders:
         record = read_result(folder)
         m = record["metrics"][record["primary_metric"]]
