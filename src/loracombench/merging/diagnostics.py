@@ -10,7 +10,8 @@ And for all adapters together:
   this is ‖Σ_{i≠j} BᵢAⱼ‖_F / ‖Σᵢ BᵢAᵢ‖_F, with each scale folded into its B (Bᵢ ← sᵢBᵢ) as the
   average method does. It is None for a module whose adapters' ranks differ (no cross terms).
 "overall" gives the same quantities for all modules' updates flattened and concatenated, so large
-modules weigh more. Modules that some adapter lacks are listed in "skipped_modules".
+modules weigh more; its cross_term_ratio pools only the modules that have cross terms (equal
+ranks), and is None when none has. Modules that some adapter lacks are listed in "skipped_modules".
 """
 
 from __future__ import annotations
