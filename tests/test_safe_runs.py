@@ -277,3 +277,28 @@ def test_an_interrupted_rewrite_of_a_result_folder_leaves_the_earlier_result_who
     assert metrics.read_result(folder) == old_record
     assert metrics.read_predictions(folder) == [{"index": 0, "prediction": "old"}]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["ag_news"]  # no staging folder left
+
+
+def test_a_saved_adapter_is_readable_by_other_users_as_the_umask_allows(tmp_path):
+    """safetensors creates owner-only files; a run folder or cache shared with other users must
+    give them what the umask gives every other file."""
+    path = make_adapter(tmp_path / "adapter", 1)
+    expected = 0o666 & ~io._UMASK
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()}
+    assert modes["adapter_model.safetensors"] == expected and set(modes.values()) == {expected}, modes
+
+
+@pytest.mark.parametrize("offline, reachable", [("1", False), ("TRUE", False), ("yes", False), ("FALSE", True),
+                                                ("no", True), ("0", True), ("", True)])
+def test_the_hub_check_reads_the_offline_flag_and_the_endpoints_port_as_huggingface_hub_does(
+        monkeypatch, offline, reachable):
+    import socket
+
+    from loracombench.models import hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        assert hub_reachable(timeout=2) is reachable

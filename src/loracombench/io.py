@@ -160,6 +160,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     os.chmod(staging, 0o777 & ~_UMASK)
     try:
         yield staging
+        _ordinary_permissions(staging)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
@@ -170,6 +171,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """The umask's permissions for everything a save put in `folder`: some writers (safetensors,
+    hence PEFT's save_pretrained) create owner-only files, which other users of a shared run
+    folder or cache could then not read."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o777 & ~_UMASK)
+        for name in files:
+            if not (Path(root) / name).is_symlink():
+                os.chmod(Path(root) / name, 0o666 & ~_UMASK)
 
 
 @contextlib.contextmanager

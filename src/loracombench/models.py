@@ -214,14 +214,19 @@ def _load_pretrained(name: str, trust_remote_code: bool = False) -> tuple:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
+    """Whether the hub (HF_ENDPOINT, port included) answers, unless HF_HUB_OFFLINE says offline
+    as huggingface_hub reads it (1, ON, YES or TRUE, in any case)."""
     import socket
     from urllib.parse import urlparse
 
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ENV_VARS_TRUE_VALUES:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
             return True
     except OSError:
         return False
