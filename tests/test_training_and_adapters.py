@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -315,3 +316,26 @@ def test_an_unset_loss_chunk_keeps_the_cache_keys_and_a_set_one_changes_them():
     assert TrainSettings(loss_chunk_tokens=256).result_settings() != TrainSettings().result_settings()
     with pytest.raises(ValueError, match="loss_chunk_tokens"):
         TrainSettings(loss_chunk_tokens=0)
+
+
+def test_a_saved_adapters_config_does_not_depend_on_the_process_string_hash(tmp_path):
+    """PEFT writes target_modules in set order, which PYTHONHASHSEED changes; the same training
+    saved in two processes must write the same adapter_config.json, whose digest downstream
+    cache keys take."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from loracombench import training; from loracombench.config import TrainSettings; "
+            "from loracombench.models import load_model; from loracombench.tasks import get_task; "
+            "rows = [{'text': f'story {i}', 'label': i % 4} for i in range(4)]; "
+            "training.train_adapter(load_model('tiny-llama'), get_task('ag_news'), rows, TrainSettings(r=2, "
+            "epochs=1, batch_size=4, max_length=32, checkpoint_every=0), sys.argv[1], 'cpu', progress=False)")
+    configs = []
+    for seed in ("0", "3"):
+        out = tmp_path / f"hashseed{seed}"
+        child = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "PYTHONHASHSEED": seed})
+        assert child.returncode == 0, child.stderr[-2000:]
+        configs.append((out / adapters.CONFIG_FILE).read_bytes())
+    assert configs[0] == configs[1]
+    assert json.loads(configs[0])["target_modules"] == sorted(json.loads(configs[0])["target_modules"])

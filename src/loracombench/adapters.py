@@ -8,6 +8,7 @@ A saved adapter is a plain PEFT folder (adapter_config.json + adapter_model.safe
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import tempfile
@@ -59,10 +60,22 @@ def save_peft_model(peft_model, out_dir: str | Path, metadata: dict, extra_files
     """Save a trained PeftModel and its metadata; the folder appears only once complete."""
     with io.atomic_dir(out_dir) as staging:
         peft_model.save_pretrained(staging, safe_serialization=True)
+        _sort_module_sets(staging / CONFIG_FILE)
         for name, writer in (extra_files or {}).items():
             writer(staging / name)
         io.write_json(staging / METADATA_FILE, {"schema": METADATA_SCHEMA, **metadata})
     return Path(out_dir)
+
+
+def _sort_module_sets(config_file: Path) -> None:
+    """PEFT writes its set-valued module lists in set order, which string hashing randomises per
+    process: the same adapter saved twice would differ in adapter_config.json, and downstream cache
+    keys, which hash that file, would change with it. Sorted, as PEFT formats the file."""
+    config = io.read_json(config_file)
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    io.write_text(config_file, json.dumps(config, indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------- reading factors
