@@ -282,6 +282,8 @@ def test_the_same_inputs_give_the_same_choice(swept, experts, shared, tmp_path):
     _, again = build(tmp_path / "again", experts, shared, method="task_arithmetic", weights=[0.0, 0.5, 1.0])
     first, second = (json.loads((folder / SWEEP_FILE).read_text()) for folder in (out, tmp_path / "again"))
     assert second["points"] == first["points"] and second["chosen"] == first["chosen"]
+    # Byte for byte: sweep.json decides the placements' cache keys, so it holds no timings.
+    assert (tmp_path / "again" / SWEEP_FILE).read_bytes() == (out / SWEEP_FILE).read_bytes()
 
 
 def test_ties_scores_the_base_and_experts_directly_as_peft_folds_them(experts, shared, tmp_path):

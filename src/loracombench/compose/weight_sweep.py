@@ -74,7 +74,7 @@ WEIGHT_AXES = ("weights", "scale")
 # Rows per task when n_validation is not given: accuracy over 4 labels needs more rows than a
 # per-token NLL, and a generation task's rows are several times longer.
 DEFAULT_N_VALIDATION = {"multiple_choice": 50, "generation": 20}
-# Each point costs one scoring of every task's validation rows (sweep.json's cost records it): on
+# Each point costs one scoring of every task's validation rows (composition.json's metadata times it): on
 # the default run's 2 CPU cores about as long as evaluating a model on 50 + 20 test rows, so the
 # default grids stay near 12-16 points; pass a finer grid for a finer picture. Weights above 1 are
 # included: with the other expert's update added, an expert's own weight can need more than 1 to
@@ -431,15 +431,17 @@ class WeightSweep(Composition):
         adapters.merge_adapter_dirs(list(inputs.experts.values()), self.params["method"], out_dir / ADAPTER_DIR,
                                     best["weights"], best["params"],
                                     extra_metadata={"weight_sweep": {"point": chosen, **best}})
+        # sweep.json decides the placements' cache keys, so it holds what the sweep found and no
+        # timings, which differ in every rebuild; those go to composition.json's metadata.
         sweep["cost"] = {"points": len(points),
                          "references_scored": sum(s == DIRECT for s in sources.values()),
-                         "validation_examples": {t: len(rows[t]) for t in tasks},
-                         **{k: round(v, 2) for k, v in timing.items()}, "seconds": round(time.time() - started, 2)}
+                         "validation_examples": {t: len(rows[t]) for t in tasks}}
         io.write_json(out_dir / SWEEP_FILE, sweep)
         io.write_json(out_dir / VALIDATION_FILE, rows)
         plot_pareto(sweep, out_dir / PLOT_FILE)
         return {"kind": "weight_sweep", "method": self.params["method"], "chosen": sweep["points"][chosen],
-                "tasks_in_objective": in_objective, **sweep["cost"]}
+                "tasks_in_objective": in_objective, **sweep["cost"],
+                **{k: round(v, 2) for k, v in timing.items()}, "seconds": round(time.time() - started, 2)}
 
     def score_grid(self, loaded, folded: FoldedWeights, points: list[dict], merge, rows: dict[str, list[dict]],
                    experts: dict[str, adapters.Adapter], inputs: BuildInputs):
