@@ -270,3 +270,17 @@ def test_a_checkpoint_carries_the_fp16_loss_scale_to_the_resumed_run(tmp_path):
     saved.save(checkpoint.Progress(2, [{"loss": 1.0}] * 2, 0.0), 5, model, optimizer, schedule,
                torch.amp.GradScaler("cpu", enabled=False))
     assert saved.restore(model, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False)).step == 2
+
+
+def test_a_checkpoint_another_live_process_is_saving_is_left_alone(tmp_path, uninterrupted):
+    """Two processes on one checkpoint folder (a killed driver's worker still finishing) must not
+    remove each other's saves in progress: only abandoned temporaries go."""
+    out = tmp_path / "adapter"
+    root = checkpoint_dir(out)
+    live = root / f".step_00000002.{os.getpid()}-abcdefgh.partial"
+    dead = root / ".step_00000002.999999999-abcdefgh.partial"
+    for staging in (live, dead):
+        staging.mkdir(parents=True)
+    assert train(out)["resumed_from_step"] is None
+    assert result(out) == uninterrupted()
+    assert live.is_dir() and not dead.exists()

@@ -160,8 +160,9 @@ class Checkpoints:
         if not self.root.is_dir() or self.root.is_symlink():
             return
         for entry in self.root.iterdir():
-            if entry == keep or not _ours(entry):
-                continue
+            if entry == keep or not _ours(entry) or (io.is_leftover(entry.name)
+                                                     and not io.is_abandoned_leftover(entry.name)):
+                continue  # not ours, or a save another live process is making
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

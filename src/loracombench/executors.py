@@ -25,10 +25,25 @@ class SerialExecutor:
         """Nothing to release."""
 
 
-def _worker_threads(threads: int) -> None:
+def _start_worker(threads: int) -> None:
+    """A local worker's set-up: its share of the threads, and a watch on the driver, so that a
+    worker never outlives it (a killed driver's workers would go on writing into a run folder
+    that the next run has locked)."""
+    import os
+    import threading
+    import time
+
     import torch
 
     torch.set_num_threads(threads)
+    driver = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == driver:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="driver-watch").start()
 
 
 def _ensure_pickled(pickled: bytes) -> bool:
@@ -62,16 +77,29 @@ class ProcessExecutor:
 
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
-                                             initializer=_worker_threads, initargs=(self.threads,))
+                                             initializer=_start_worker, initargs=(self.threads,))
         import cloudpickle  # cells carry closures over the run, which the standard pickle refuses
 
         futures = {self._pool.submit(_ensure_pickled, cloudpickle.dumps(cell)): cell for cell in cells}
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None:
-                for other in pending:
-                    other.cancel()
-                raise RuntimeError(f"{futures[future].what} failed: {future.exception()}") from future.exception()
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    raise RuntimeError(f"{futures[future].what} failed: {future.exception()}") from future.exception()
+        except BaseException:
+            # A failed cell, Ctrl-C or SIGTERM stops the stage now, as in a serial run: the other
+            # workers' cells are stopped too, not waited for (minutes of training), and leave
+            # nothing that looks complete (cells write atomically; a rerun resumes).
+            self._stop_workers()
+            raise
+
+    def _stop_workers(self) -> None:
+        if self._pool is None:
+            return
+        for process in list((self._pool._processes or {}).values()):  # no public way before Python 3.14
+            process.kill()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -48,6 +48,13 @@ def is_leftover(name: str) -> bool:
     return name == LOCK_FILE or _LEFTOVER.match(name) is not None
 
 
+def is_abandoned_leftover(name: str) -> bool:
+    """A temporary of an atomic save whose writing process has ended (or is unknown): one that a
+    live process is still writing must not be removed."""
+    match = _LEFTOVER.match(name)
+    return match is not None and _abandoned(match)
+
+
 def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}-"
 
