@@ -160,10 +160,16 @@ class RayExecutor:
         if not cells:
             return
         ray = self._connect()
-        task = ray.remote(_ensure)
         gpus = ray.cluster_resources().get("GPU", 0) > 0
-        pending = {task.options(num_cpus=self.cpus_per_cell, num_gpus=1 if gpus and cell.gpu else 0,
-                                name=cell.what).remote(cell): cell for cell in cells}
+        # max_calls=1 gives each GPU cell a fresh worker, which frees the GPU's memory when it
+        # exits and never holds a base model loaded on a GPU that Ray has since given to another
+        # task. Ray sets it only for functions declared with GPUs, and .options() cannot set it.
+        cpu_task, gpu_task = ray.remote(_ensure), ray.remote(max_calls=1)(_ensure)
+        pending = {}
+        for cell in cells:
+            on_gpu = gpus and cell.gpu
+            options = {"num_cpus": self.cpus_per_cell, "num_gpus": 1 if on_gpu else 0, "name": cell.what}
+            pending[(gpu_task if on_gpu else cpu_task).options(**options).remote(cell)] = cell
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
