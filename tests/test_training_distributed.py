@@ -44,14 +44,32 @@ def train_args(workdir: Path, out: str, checkpoint_every: int = 0) -> list[str]:
             "--device", "cpu", *SETTINGS, "--checkpoint-every", str(checkpoint_every), "--out", str(workdir / out)]
 
 
-def torchrun(args: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+def torchrun(args: list[str], interrupt_dir: Path | None = None) -> None:
+    """Two gloo processes; with interrupt_dir (a sitecustomize.py there), both stop mid-run."""
+    paths = [str(interrupt_dir)] if interrupt_dir else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(SRC), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "loracombench.cli", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if interrupt_dir:
+        assert done.returncode != 0 and "saved adapter to" not in done.stdout, done.stdout[-3000:]
+        return
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("saved adapter to") == 1 and "2 processes" in done.stdout
+
+
+# Every rank stops in the same micro-batch (one rank alone would leave the other in a collective).
+STOP_EVERY_RANK = """
+from loracombench import training
+original, calls = training.batch_loss_sum, []
+def stopping(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == {at}:
+        raise KeyboardInterrupt
+    return original(*args, **kwargs)
+training.batch_loss_sum = stopping
+"""
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +111,23 @@ def test_two_processes_resume_a_checkpoint_and_end_with_the_same_adapter(workdir
     assert meta["world_size"] == 2 and meta["resumed_from_step"] == 2
     assert_same_adapter(load_file(workdir / "resumed" / adapters.WEIGHTS_FILE), one_process)
     assert not (workdir / "resumed.checkpoint").exists()
+
+
+def test_with_dropout_a_resumed_two_process_run_ends_with_the_uninterrupted_adapter(workdir, tmp_path):
+    """Each rank draws its own dropout masks, so each rank's random state is checkpointed: a rank
+    that restarted its stream from the seed would repeat masks it had already drawn."""
+    args = [*train_args(workdir, "", checkpoint_every=1)[:-1]]
+    args[args.index("--lora-dropout") + 1] = "0.3"
+    torchrun([*args, str(tmp_path / "whole")])
+    stopper = tmp_path / "stopper"
+    stopper.mkdir()
+    (stopper / "sitecustomize.py").write_text(STOP_EVERY_RANK.format(at=5))  # in step 3 of 4
+    torchrun([*args, str(tmp_path / "resumed")], interrupt_dir=stopper)
+    assert (tmp_path / "resumed.checkpoint" / "step_00000002").is_dir()
+    torchrun([*args, str(tmp_path / "resumed")])
+    assert adapters.read_metadata(tmp_path / "resumed")["resumed_from_step"] == 2
+    whole, resumed = (load_file(tmp_path / name / adapters.WEIGHTS_FILE) for name in ("whole", "resumed"))
+    assert all(whole[k].equal(resumed[k]) for k in whole)
 
 
 def test_commands_other_than_train_refuse_torchrun_in_one_line(monkeypatch, capsys):

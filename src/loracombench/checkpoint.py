@@ -86,6 +86,15 @@ class Progress:
     step: int
     curve: list[dict]
     train_time_s: float
+    # Under torchrun, every rank's random state at the checkpoint (rank 0's is also in "rng"), so
+    # that each rank resumes its own dropout stream; None for one process.
+    rng_by_rank: list[dict] | None = None
+
+
+def checkpoint_due(step: int, total_steps: int, every: int) -> bool:
+    """Whether step `step` (1-based, just done) is checkpointed: every `every` steps (0: never),
+    not after the last, whose adapter is saved next anyway."""
+    return bool(every) and step % every == 0 and step < total_steps
 
 
 class Checkpoints:
@@ -120,13 +129,14 @@ class Checkpoints:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         load_scaler_state(scaler, state.get("scaler"))
-        _set_rng_states(state["rng"])
+        set_rng_states(state["rng"])
+        progress.rng_by_rank = state.get("rng_by_rank")
         return progress
 
-    def save(self, progress: Progress, total_steps: int, model, optimizer, schedule, scaler=None) -> None:
-        """Checkpoint every `every` steps (0: never); not after the last step, whose adapter is
-        saved next anyway."""
-        if not self.every or progress.step % self.every or progress.step >= total_steps:
+    def save(self, progress: Progress, total_steps: int, model, optimizer, schedule, scaler=None,
+             rng_by_rank: list[dict] | None = None) -> None:
+        """Checkpoint when checkpoint_due; rng_by_rank: every rank's random state (torchrun)."""
+        if not checkpoint_due(progress.step, total_steps, self.every):
             return
         folder = self.root / f"step_{progress.step:08d}"
         with io.atomic_dir(folder) as staging:
@@ -136,7 +146,8 @@ class Checkpoints:
             # run restarts at the initial scale and skips other steps than an uninterrupted one.
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else {},
-                        "rng": _rng_states()}, staging / STATE_FILE)
+                        "rng": rng_by_rank[0] if rng_by_rank else rng_states(), "rng_by_rank": rng_by_rank},
+                       staging / STATE_FILE)
             io.write_json(staging / PROGRESS_FILE, {"run_key": self.run_key, "step": progress.step,
                                                     "train_time_s": progress.train_time_s,
                                                     "loss_curve": progress.curve})
@@ -201,13 +212,13 @@ def _read(folder: Path, model) -> tuple[dict, dict, Progress]:
     return weights, state, progress
 
 
-def _rng_states() -> dict:
+def rng_states() -> dict:
     """Every random source a training step draws from: torch's (dropout masks) and Python's."""
     return {"python": random.getstate(), "torch_cpu": torch.get_rng_state(),
             "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     torch.set_rng_state(states["torch_cpu"])
     if torch.cuda.is_available():

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_scaler_state
+from .checkpoint import load_scaler_state, set_rng_states
 from .models import ModelError, pick_device
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -72,6 +72,14 @@ class World:
         for param, part in zip(parameters, flat.split([p.numel() for p in parameters])):
             param.grad = part.view_as(param)
 
+    def gather_to_main(self, value) -> list | None:
+        """Every rank's `value`, in rank order, on rank 0 (None on the others)."""
+        if self.size == 1:
+            return [value]
+        gathered = [None] * self.size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
     def sum(self, value: float, device: torch.device) -> float:
         if self.size == 1:
             return value
@@ -90,7 +98,7 @@ class World:
         if self.is_main and restored is not None:
             payload = [{"progress": restored, "weights": {name: p.detach().cpu() for name, p in trainable.items()},
                         "optimizer": _on_cpu(optimizer.state_dict()), "schedule": schedule.state_dict(),
-                        "scaler": scaler.state_dict()}]
+                        "scaler": scaler.state_dict(), "rng_by_rank": _on_cpu(restored.rng_by_rank)}]
         dist.broadcast_object_list(payload, src=0)
         state = payload[0]
         if state is None or self.is_main:
@@ -101,6 +109,9 @@ class World:
         optimizer.load_state_dict(state["optimizer"])  # moves the moments onto this rank's device
         schedule.load_state_dict(state["schedule"])
         load_scaler_state(scaler, state["scaler"])
+        # This rank's own dropout stream, where the checkpoint holds one per rank of this world.
+        if state["rng_by_rank"] is not None and len(state["rng_by_rank"]) == self.size:
+            set_rng_states(state["rng_by_rank"][self.rank])
         return state["progress"]
 
 

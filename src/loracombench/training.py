@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import adapters, distributed, io
 from .batching import left_pad, length_grouped_batches
-from .checkpoint import Checkpoints, Progress
+from .checkpoint import Checkpoints, Progress, checkpoint_due, rng_states
 from .config import TrainSettings, stable_hash
 from .models import (PROJECTED_LOGITS, LoadedModel, autocast, dtype_name, environment, resolve_dtype,
                      target_modules_for)
@@ -235,8 +235,13 @@ def train_on_tasks(loaded: LoadedModel, task_rows: list[tuple[Task, list[dict]]]
             rate = schedule.get_last_lr()[0]  # the rate this step trains at; trainer.step advances it
             loss_sum = trainer.step(step)
             curve.append({"step": len(curve) + 1, "epoch": epoch, "loss": loss_sum, "lr": rate})
+            # Under torchrun every rank's random state goes into rank 0's checkpoint: each rank
+            # draws its own dropout masks, and a resumed rank must go on with its own stream.
+            rng_by_rank = (world.gather_to_main(rng_states())
+                           if world.size > 1 and checkpoint_due(len(curve), len(steps), config.checkpoint_every)
+                           else None)
             checkpoints.save(Progress(len(curve), curve, done.train_time_s + time.time() - started), len(steps),
-                             model, optimizer, schedule, scaler)
+                             model, optimizer, schedule, scaler, rng_by_rank)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
     bar.close()
