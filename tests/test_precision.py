@@ -112,3 +112,20 @@ def test_fp16_loss_scaling_gives_exactly_the_unscaled_update(fresh_tiny):
         assert scaler.is_enabled() is scaling and (not scaling or scaler.get_scale() == 2.0 ** 16)
         updated.append([p.detach().clone() for p in lora])
     assert all(torch.equal(plain, scaled) for plain, scaled in zip(*updated))
+
+
+def test_cells_run_in_the_precision_their_key_was_made_for(tmp_path, small_mirror, monkeypatch):
+    """The driver makes the keys; a worker elsewhere (a GPU node of a Ray cluster) must run the
+    precision the key names, not resolve "auto" again on its own device."""
+    from loracombench import pipeline
+
+    config = load_config("smoke", {"data_dir": str(small_mirror), "model": "tiny-llama"})
+    experiment = pipeline.Experiment(config, tmp_path / "run", progress=False)
+    passed = {}
+    monkeypatch.setattr(training, "train_adapter", lambda *args, **kwargs: passed.update(dtype=kwargs["dtype"])
+                        or {"final_loss": 0.0})
+    cell = experiment.train_cell("ag_news", {"fingerprint": "f"}, 0)
+    experiment.shared  # loaded on this CPU before the device is faked
+    monkeypatch.setattr(pipeline, "pick_device", lambda requested: CUDA)  # the worker has a GPU
+    cell.compute()
+    assert passed["dtype"] == "fp32"  # the precision this CPU driver keyed the cell with

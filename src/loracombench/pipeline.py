@@ -203,9 +203,12 @@ class Experiment:
 
     def train_cell(self, task: str, fingerprint: dict, seed: int) -> Cell:
         settings = self.config.train_settings(task, seed)
+        # Resolved here, where the key is made, and passed to the worker as is: "auto" on a worker
+        # with a GPU would train in bf16 under a key that a CPU-only driver made for fp32.
+        precision = self.precision
         key = cell_key({"base": fingerprint, "task": task, "n": self.config.n_train[task],
                         "data_seed": self.config.data_seed, "data": self.data_source,
-                        "train": settings.result_settings(), "precision": self.precision,
+                        "train": settings.result_settings(), "precision": precision,
                         "target_loss": training.TARGET_LOSS_VERSION}, task)
         folder = self.out / "adapters" / f"seed{seed}" / task
 
@@ -215,7 +218,7 @@ class Experiment:
                 meta = training.train_adapter(loaded, get_task(task), self.train_rows(task), settings, folder,
                                      self.config.device, progress=self.progress,
                                      extra_metadata={"cell_key": key, "data": self.data_source},
-                                     dtype=self.config.dtype)
+                                     dtype=precision)
             log(f"train {task}: final loss {meta['final_loss']:.3f}")
 
         return Cell(f"train {task} (seed {seed})", folder, key, compute, gpu=True)
@@ -227,6 +230,7 @@ class Experiment:
     def composition_cell(self, name: str, composition: Composition, experts: dict[str, ModelEntry],
                          fingerprint: dict, seed: int) -> Cell:
         needs = composition.needs()
+        precision = self.precision  # as in train_cell: the key's precision is the one the worker runs
         uses = {"composition": composition.key(), "sources": [e.key for e in experts.values()]}
         if needs.validation_per_task:
             uses["validation"] = {"n": needs.validation_per_task, "data": self.data_source,
@@ -235,7 +239,7 @@ class Experiment:
             uses["train_data"] = {"n": self.config.n_train, "seed": self.config.data_seed, "data": self.data_source}
         if needs.base_forward or needs.gradients:
             uses["base"] = fingerprint
-            uses["precision"] = self.precision
+            uses["precision"] = precision
         static = isinstance(composition, StaticMerge)
         key = cell_key({**uses, "seed": seed})
         folder = self.out / ("merges" if static else "compositions") / f"seed{seed}" / name
@@ -250,7 +254,7 @@ class Experiment:
                 train_rows={t: self.train_rows(t) for t in experts}
                 if (needs.router_training or needs.training_data or needs.gradients) else {},
                 train_settings={t: self.config.train_settings(t, seed) for t in experts},
-                device=self.config.device, dtype=self.config.dtype, scratch=scratch, progress=self.progress)
+                device=self.config.device, dtype=precision, scratch=scratch, progress=self.progress)
             started = time.time()
             with io.atomic_dir(folder) as staging:
                 metadata = composition.build(inputs, staging)
