@@ -94,3 +94,26 @@ def test_a_failing_cell_stops_the_stage_with_its_name(tmp_path, local_ray):
     with pytest.raises(RuntimeError, match=r"^train broken \(seed 0\): ValueError: no such adapter"):
         RayExecutor().run([cell])
     assert not (tmp_path / "broken").exists()
+
+
+def test_a_ray_run_hands_its_workers_absolute_paths_to_a_local_model_and_the_data(tmp_path, small_mirror,
+                                                                                 monkeypatch):
+    """Ray workers on other machines resolve a relative path against their own folder."""
+    from loracombench import executors, models, pipeline
+
+    model = tmp_path / "my-model"
+    models.load_model("tiny-llama").model.save_pretrained(model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(executors, "make_executor", lambda *args: executors.SerialExecutor())
+    given = {}
+
+    def run_experiment(config, out, **kwargs):
+        given.update(config=config, out=out)
+        raise KeyboardInterrupt  # nothing runs
+
+    monkeypatch.setattr(pipeline, "run_experiment", run_experiment)
+    data = small_mirror.relative_to(tmp_path)  # the fixture's mirror lies in tmp_path
+    argv = ["run", "--config", "smoke", "--model", "my-model", "--data-dir", str(data), "--out", "run"]
+    assert main([*argv, "--executor", "ray"]) == 130  # stopped as by Ctrl-C, once the paths were handed over
+    assert given["config"].model == str(model) and given["out"] == tmp_path / "run"
+    assert given["config"].data_dir == str(small_mirror)

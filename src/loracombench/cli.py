@@ -257,9 +257,11 @@ def cmd_run(args) -> int:
                     inputs={"data_dir": _data_input(config.data_dir), "model": _local_path(config.model)})
     if args.executor == "ray":  # workers started elsewhere find the files by absolute paths only
         out = out.absolute()
-        data = _data_input(config.data_dir)
+        data, model = _data_input(config.data_dir), _local_path(config.model)
         if data:
             config = config.model_copy(update={"data_dir": str(data.absolute())})
+        if model:
+            config = config.model_copy(update={"model": str(model.absolute())})
     with contextlib.closing(executor):
         run_dir = run_experiment(config, out, trust_remote_code=args.trust_remote_code, executor=executor)
     print()
