@@ -129,3 +129,12 @@ def test_cells_run_in_the_precision_their_key_was_made_for(tmp_path, small_mirro
     monkeypatch.setattr(pipeline, "pick_device", lambda requested: CUDA)  # the worker has a GPU
     cell.compute()
     assert passed["dtype"] == "fp32"  # the precision this CPU driver keyed the cell with
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_on_a_gpu_without_bf16_arithmetic_is_fp32(monkeypatch, native_bf16, expected):
+    """Before Ampere a GPU has no bf16 arithmetic, and autocast would emulate it, slowly."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    assert resolve_dtype("auto", CUDA) == expected
+    assert resolve_dtype("bf16", CUDA) == torch.bfloat16  # asked for by name, it is what it says

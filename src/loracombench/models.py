@@ -363,12 +363,16 @@ DTYPE_CHOICES = ("auto", *PRECISIONS)
 
 def resolve_dtype(name: str, device: torch.device, where: str = "--dtype") -> torch.dtype:
     """The precision `name` means on `device`, refused with one line when it is unknown or fp16 on
-    CPU. auto: bf16 on CUDA, fp32 on CPU. bf16 on CPU runs, but CPUs without AVX-512 bf16
-    instructions (such as the 2-core machines this benchmark is timed on) are far slower in it."""
+    CPU. auto: bf16 on CUDA (fp32 on a GPU without bf16 arithmetic, before Ampere, where autocast
+    would emulate it), fp32 on CPU. bf16 on CPU runs, but CPUs without AVX-512 bf16 instructions
+    (such as the 2-core machines this benchmark is timed on) are far slower in it."""
     if name not in DTYPE_CHOICES:
         raise ModelError(f"{where} {name!r} is not a precision; valid: {', '.join(DTYPE_CHOICES)}")
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if bf16 else torch.float32
     if name == "fp16" and device.type != "cuda":
         raise ModelError(f"{where} fp16 needs a CUDA device, and this one is {device.type}; "
                          f"on CPU use fp32 (fast) or bf16 (slow without AVX-512 bf16)")
