@@ -253,3 +253,27 @@ def test_each_command_that_loads_a_configs_model_takes_the_remote_code_consent(c
 
     assert build_parser().parse_args([*command, "--trust-remote-code"]).trust_remote_code is True
     assert build_parser().parse_args(command).trust_remote_code is False
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"merges": [{"method": "average", "label": "../../../ESCAPED"}]}, "label '../../../ESCAPED' must be a plain name"),
+    ({"merges": [{"method": "average", "label": "a/b"}]}, "label 'a/b' must be a plain name"),
+    ({"compositions": [{"method": "route_oracle", "label": ".."}]}, "label '..' must be a plain name"),
+    ({"name": "../../elsewhere"}, "name '../../elsewhere' must be a plain name"),
+])
+def test_a_name_that_becomes_a_folder_cannot_leave_the_run_folder(tmp_path, small_mirror, capsys, entry, message):
+    """Labels and the run's name name folders: a path there would write, and replace, folders
+    outside the run folder."""
+    from test_pipeline_and_cli import SMOKE
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**SMOKE, **entry}))
+    victim = tmp_path / "ESCAPED"
+    victim.mkdir()
+    (victim / "important.txt").write_text("mine")
+    before = tree_digest(tmp_path)
+    assert main(["run", "--config", str(config), "--data-dir", str(small_mirror), "--out", str(tmp_path / "o"
+                                                                                             / "deep" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert tree_digest(tmp_path) == before

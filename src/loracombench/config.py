@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -101,6 +102,18 @@ class EvalSettings(Strict):
     generate_batch_size: int = Field(32, ge=1)
 
 
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+
+
+def check_plain_name(value: str, what: str) -> str:
+    """A name that becomes a folder of the run: one path component, so that a config cannot
+    place (and replace) folders outside the run folder."""
+    if not PLAIN_NAME.match(value):
+        raise ValueError(f"{what} {value!r} must be a plain name (letters, digits and _ . + = -, "
+                         "not starting with . or -): it names a folder of the run")
+    return value
+
+
 class Labelled(Strict):
     """A method with parameters; its name is the label, else the method and its parameters."""
 
@@ -113,6 +126,15 @@ class Labelled(Strict):
             return self.label
         suffix = "".join(f"_{k}{v}" for k, v in sorted(self.params.items()))
         return f"{self.method}{suffix}"
+
+    @model_validator(mode="after")
+    def _name_is_a_folder_name(self) -> "Labelled":
+        if self.label is not None:
+            check_plain_name(self.label, "label")
+        elif "/" in self.name or "\\" in self.name or self.name.startswith("."):
+            raise ValueError(f"the name {self.name!r} made from the method and its parameters is not a plain "
+                             "folder name; give the entry a label")
+        return self
 
 
 class MergeSpec(Labelled):
@@ -127,7 +149,7 @@ class CompositionSpec(Labelled):
 
 
 class ExperimentConfig(Strict):
-    name: str = "default"
+    name: str = "default"  # the run folder's default name, runs/<name>
     model: str = "smollm2-135m"
     trust_remote_code: bool = False
     device: str = "auto"
@@ -153,6 +175,11 @@ class ExperimentConfig(Strict):
     # beside the original's average and each expert (e.g. the best static merge).
     compare_with: list[str] = Field(default_factory=list)
     baselines: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, name: str) -> str:
+        return check_plain_name(name, "name")
 
     @field_validator("tasks")
     @classmethod
