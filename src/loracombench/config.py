@@ -35,7 +35,8 @@ def flatten_validation_error(err: ValidationError, where: str | None = None,
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are errors, and so are inf and nan (a learning rate of .inf trains to nan).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TrainSettings(Strict):
@@ -261,12 +262,28 @@ class ExperimentConfig(Strict):
                              f"valid: {', '.join(labels)}")
         from .compose import get_composition
 
+        from .merging import MergeError
+        from .merging.merge import checked_weights
+
         for spec in self.compositions:
             get_composition(spec.method, spec.params)
-        for spec in self.merges:
+        for index, spec in enumerate(self.merges):
             parse_params(get_method(spec.method), spec.params)
-            if spec.weights is not None and len(spec.weights) != len(self.tasks):
-                raise ValueError(f"merge {spec.name}: {len(spec.weights)} weights for {len(self.tasks)} adapters")
+            try:
+                checked_weights(spec.weights, len(self.tasks))
+            except MergeError as err:
+                raise ValueError(f"merges.{index}.weights ({spec.name}): {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _generated_rows_are_evaluated_rows(self) -> "ExperimentConfig":
+        from .tasks import get_task
+
+        sizes = {t: self.eval.n_eval[t] for t in self.tasks if get_task(t).kind == "generation"
+                 and self.eval.n_eval.get(t) is not None}
+        if self.eval.n_generate is not None and any(self.eval.n_generate > n for n in sizes.values()):
+            raise ValueError(f"eval.n_generate={self.eval.n_generate} is more than the generation tasks' "
+                             f"eval.n_eval {sizes}: it counts a prefix of the evaluated rows")
         return self
 
 

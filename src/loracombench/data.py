@@ -142,13 +142,14 @@ def load_sample(task: Task | str, split: str, n: int | None, seed: int, data_dir
     return subsample(rows, n, seed, task)
 
 
-def validation_sample(task: Task | str, n: int | None, seed: int, data_dir, training_rows: list[dict]) -> list[dict]:
+def validation_sample(task: Task | str, n: int | None, seed: int, data_dir, training_rows: list[dict],
+                      what: str = "the sample size") -> list[dict]:
     """Rows for choosing settings, never test rows: the task's validation split where its source
     has one, else rows of its train split that are outside the training sample."""
     task = get_task(task) if isinstance(task, str) else task
     splits = task.splits if resolve_data_dir(data_dir) else task.hub_splits
     if "validation" in splits:
-        return load_sample(task, "validation", n, seed, data_dir)
+        return load_sample(task, "validation", n, seed, data_dir, what=what)
     used = {row_key(row) for row in training_rows}
     held_out = [row for row in load_split(task, "train", data_dir) if row_key(row) not in used]
     if not held_out:

@@ -180,10 +180,11 @@ class Experiment:
         return self._cached_rows(("eval", task), lambda: load_sample(
             task, settings.split, settings.n_eval[task], settings.seed, self.data_dir, what=f"eval.n_eval.{task}"))
 
-    def validation_rows(self, task: str, n: int) -> list[dict]:
-        """Labelled rows for compositions that learn or search: never test rows (data.validation_sample)."""
+    def validation_rows(self, task: str, n: int, what: str = "the validation sample size") -> list[dict]:
+        """Labelled rows for compositions that learn or search: never test rows (data.validation_sample).
+        `what` names the setting that asked for n, for the error when the split has fewer."""
         return self._cached_rows(("validation", task, n), lambda: validation_sample(
-            task, n, self.config.eval.seed, self.data_dir, self.train_rows(task)))
+            task, n, self.config.eval.seed, self.data_dir, self.train_rows(task), what))
 
     def _cached_rows(self, key: tuple, load: Callable[[], list[dict]]) -> list[dict]:
         if key not in self._rows:
@@ -197,6 +198,10 @@ class Experiment:
         for task in self.config.tasks:
             self.train_rows(task)
             self.eval_rows(task)
+        for name, composition in self.compositions()[len(self.config.merges):]:
+            n = composition.needs().validation_per_task
+            for task in self.config.tasks if n else ():
+                self.validation_rows(task, n, what=f"n_validation of composition {name}")
         self.shared
 
     # ------------------------------------------------------------ cells

@@ -5,6 +5,8 @@ trained combinations are others. A new method is one module here plus one `regis
 
 from __future__ import annotations
 
+import inspect
+
 from .arrow_router import ArrowRouting
 from .arrow_sequence_router import ArrowSequenceRouting
 from .base import BuildInputs, Composed, Composition, Needs, OneModel, RoutedAdapters
@@ -32,6 +34,11 @@ def get_composition(name: str, params: dict | None = None) -> Composition:
         cls = COMPOSITIONS[name]
     except KeyError:
         raise ValueError(f"unknown composition {name!r}; valid: {', '.join(sorted(COMPOSITIONS))}") from None
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**(params or {}))
+    except TypeError as err:  # a parameter the class does not take, or one it needs and lacks
+        raise ValueError(f"composition {name!r}: {err}; it takes {', '.join(signature.parameters)}") from None
     return cls(**(params or {}))
 
 
