@@ -219,18 +219,24 @@ def training_section(ctx: Context) -> dict:
 # ---------------------------------------------------------------- 2. AG News scoring
 
 @torch.inference_mode()
-def score_each_choice(model, tokenizer, task, rows: list[dict]) -> list[list[float]]:
-    """lm-eval-harness's default multiple-choice scoring: one forward pass per (article, choice),
-    batch size 1, the log-softmax taken over every position's full vocabulary."""
+def score_like_lm_eval(model, tokenizer, task, rows: list[dict], reuse_logits: bool = True) -> list[list[float]]:
+    """lm-eval-harness's HF multiple-choice scoring at its default batch size 1: each (article,
+    choice) request reads the log-softmax of (context + continuation)[:-1] at the continuation's
+    positions. With reuse_logits (its default, logits_cache=True) requests with the same
+    context + continuation[:-1] share one forward pass (_lookup_one_token_cont in
+    lm_eval/models/huggingface.py), so one-token choices, as AG News's are here, cost one pass per
+    article; without it, every choice takes its own pass."""
     device = evaluation.model_device(model)
     scores = []
     for row in rows:
-        context = evaluation.encode(tokenizer, task.prompt(row))
-        row_scores = []
+        context, passes, row_scores = evaluation.encode(tokenizer, task.prompt(row)), {}, []
         for choice in task.choices(row):
             continuation = evaluation.encode(tokenizer, task.choice_delimiter + choice)
-            inputs = torch.tensor([(context + continuation)[:-1]], device=device)
-            logprobs = torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1)[-len(continuation):]
+            inputs = tuple((context + continuation)[:-1])
+            if inputs not in passes or not reuse_logits:
+                logits = model(input_ids=torch.tensor([inputs], device=device)).logits[0].float()
+                passes[inputs] = torch.log_softmax(logits, dim=-1)
+            logprobs = passes[inputs][-len(continuation):]
             row_scores.append(logprobs.gather(1, torch.tensor(continuation, device=device)[:, None]).sum().item())
         scores.append(row_scores)
     return scores
@@ -270,23 +276,29 @@ def scoring_section(ctx: Context) -> dict:
             ours, ours_s = timed(lambda: evaluation.score_choices(model, tokenizer, task, rows,
                                                                   args.score_batch_size, progress=False))
         peak = max(peak_before, matmul_peak_flops(args.matmul_size))
-        each, each_s = timed(lambda: score_each_choice(model, tokenizer, task, rows))
+        lm_eval, lm_eval_s = timed(lambda: score_like_lm_eval(model, tokenizer, task, rows))
+        each, each_s = timed(lambda: score_like_lm_eval(model, tokenizer, task, rows, reuse_logits=False))
         _, generate_s = timed(lambda: evaluation.generate(model, tokenizer, [task.prompt(r) for r in rows],
                                                           label_config, ("\n",), progress=False))
-    difference = max_abs_diff(ours, each)
-    same = sum(a == b for a, b in zip(argmaxes(ours), argmaxes(each)))
+    difference = max(max_abs_diff(ours, lm_eval), max_abs_diff(ours, each))
+    same = sum(a == b == c for a, b, c in zip(argmaxes(ours), argmaxes(lm_eval), argmaxes(each)))
     # A forward pass costs 2·N per token read (the vocabulary projection, on a few positions
     # only, is left out, as the training figure leaves it out).
     flops = 2 * non_embedding_parameters(model) * sum(counts)
-    return {"ratios": [ratio("articles/s: score_choices ÷ a forward pass per choice (lm-eval default)",
-                             each_s / ours_s, Target(3)),
+    # The issue set its 3x target against "a forward pass per choice (lm-eval's default)", but
+    # lm-eval's default shares one pass among one-token choices: the target is held to that.
+    return {"ratios": [ratio("articles/s: score_choices ÷ lm-eval's scoring (its default, logits_cache)",
+                             lm_eval_s / ours_s, Target(3)),
+                       ratio("articles/s: score_choices ÷ a forward pass per choice (lm-eval, logits_cache off)",
+                             each_s / ours_s),
                        ratio("articles/s: score_choices ÷ generating the label (batched greedy)",
                              generate_s / ours_s),
                        ratio("model FLOP/s ÷ fp32 matmul peak, score_choices", flops / ours_s / peak)],
             "agreement": {"max_abs_logprob_diff": difference, "same_prediction": same, "rows": len(rows),
                           "holds": difference < ctx.args.tolerance and same == len(rows)},
             "measured": {"articles": len(rows), "choices": len(task.choices(rows[0])),
-                         "seconds": {"score_choices": ours_s, "per_choice": each_s, "generate_label": generate_s},
+                         "seconds": {"score_choices": ours_s, "lm_eval": lm_eval_s, "per_choice": each_s,
+                                     "generate_label": generate_s},
                          "tokens_read": sum(counts), "forward_passes": len(counts),
                          "model_gflops_per_s": flops / ours_s / 1e9, "matmul_peak_gflops_per_s": peak / 1e9,
                          "batch_size": args.score_batch_size, "label_tokens": args.label_tokens}}
@@ -406,6 +418,15 @@ def merge_section(ctx: Context) -> dict:
 STAGES_LINE = re.compile(r"stages: (?P<stages>[^;\n]*); total (?P<total>\d+(?:\.\d+)?) s")
 STAGE = re.compile(r"(?P<name>[\w-]+) (?P<seconds>\d+(?:\.\d+)?) s")
 TIME_MAX_RSS = re.compile(r"Maximum resident set size \(kbytes\): (?P<kb>\d+)")  # GNU time -v
+TIME_ELAPSED = re.compile(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?P<clock>[\d:.]+)")
+
+
+def clock_seconds(clock: str) -> float:
+    """GNU time's h:mm:ss or m:ss."""
+    seconds = 0.0
+    for part in clock.split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
 
 
 class BenchError(ValueError):
@@ -435,10 +456,20 @@ def read_run_log(path: Path) -> dict:
     for stage, pattern in COMPUTED.items():
         for match in pattern.finditer(this_run):
             computed[stage][match["task"]] = computed[stage].get(match["task"], 0) + 1
-    rss = TIME_MAX_RSS.findall(text)
+    rss, elapsed = TIME_MAX_RSS.findall(text), TIME_ELAPSED.findall(text)
     return {"stages": {m["name"]: float(m["seconds"]) for m in STAGE.finditer(last["stages"])},
             "total_s": float(last["total"]), "computed_cells": computed,
-            "peak_rss_gb": int(rss[-1]) * 1024 / GB if rss else None}
+            "peak_rss_gb": int(rss[-1]) * 1024 / GB if rss else None,
+            # The process's whole wall time: the run's own total starts after loading the data and
+            # the model and ends before the report is printed, and is rounded to the second.
+            "wall_s": clock_seconds(elapsed[-1]) if elapsed else None}
+
+
+def run_seconds(run: dict) -> tuple[float, str]:
+    """The time a budget is held to: GNU time's wall time where the log has it."""
+    if run["wall_s"] is not None:
+        return run["wall_s"], "GNU time -v wall time"
+    return run["total_s"], "the run's own total, without start-up"
 
 
 class _PrefixCache:
@@ -530,7 +561,8 @@ def run_section(ctx: Context) -> dict:
         measured["run"] = run
         ratios += [ratio(f"{stage} ÷ total (share of the run's time)", seconds / run["total_s"])
                    for stage, seconds in run["stages"].items()]
-        ratios.append(ratio("run time ÷ 20 minutes", run["total_s"] / (20 * MINUTE), Target(1, at_least=False)))
+        seconds, clock = run_seconds(run)
+        ratios.append(ratio(f"run time ÷ 20 minutes ({clock})", seconds / (20 * MINUTE), Target(1, at_least=False)))
         floor_ratios, measured["model_flops"] = run_floor_ratios(ctx, run)
         ratios += floor_ratios
         if run["peak_rss_gb"] is not None:
@@ -538,7 +570,9 @@ def run_section(ctx: Context) -> dict:
     if ctx.args.cached_run_log:
         rerun = read_run_log(ctx.args.cached_run_log)
         measured["cached_rerun"] = rerun
-        ratios.append(ratio("fully cached rerun time ÷ 1 minute", rerun["total_s"] / MINUTE, Target(1, at_least=False)))
+        seconds, clock = run_seconds(rerun)
+        ratios.append(ratio(f"fully cached rerun time ÷ 1 minute ({clock})", seconds / MINUTE,
+                            Target(1, at_least=False)))
     ratios.append(ratio("this bench's peak RSS ÷ 4 GB", bench_rss / 4, Target(1, at_least=False)))
     if not ctx.args.run_log:
         measured["note"] = "no --run-log given: the run's stage times are not reported"
