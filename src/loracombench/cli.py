@@ -296,6 +296,8 @@ def cmd_sweep(args) -> int:
     bad = [rate for rate in args.learning_rates if not 0 < rate < float("inf")]
     if bad:
         raise ValueError(f"--learning-rates must be positive and finite, got {bad}")
+    if len(set(args.learning_rates)) != len(args.learning_rates):
+        raise ValueError(f"--learning-rates repeats a rate: {args.learning_rates}; each is trained once")
     out = check_out(args.out or Path("runs") / f"{config.name}-lr-sweep", "sweep",
                     inputs={"--data-dir": _data_input(args.data_dir)})
     summary = sweep_learning_rates(config, args.learning_rates, out, _validation_sizes(args, config))
@@ -312,12 +314,33 @@ def cmd_verbalizers(args) -> int:
 
     config = _sweep_config(args)
     check_remote_code(config, args.trust_remote_code)
-    candidates = [tuple(label.strip() for label in text.split(",")) for text in args.candidates]
+    candidates = verbalizer_candidates(args.task, args.candidates)
     out = check_out(args.out or Path("runs") / f"{config.name}-verbalizers", "verbalizers", overwrite=args.overwrite,
                     inputs={"--data-dir": _data_input(args.data_dir)})
     compare_verbalizers(config, args.task, candidates, args.n_validation, out)
     print((out / "verbalizers.md").read_text())
     return 0
+
+
+def verbalizer_candidates(task_name: str, texts: list[str]) -> list[tuple[str, ...]]:
+    """--candidates as label tuples, each checked by the task itself before any model loads."""
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    if task.kind != "multiple_choice":
+        raise ValueError(f"--task {task_name}: verbalizers compares the label words of a multiple-choice task; "
+                         f"{task_name} is scored by generation")
+    candidates = []
+    for text in texts:
+        labels = tuple(label.strip() for label in text.split(","))
+        if not all(labels):
+            raise ValueError(f"--candidates {text!r}: a label is empty")
+        try:
+            type(task)(labels=labels)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--candidates {text!r}: {err}") from None
+        candidates.append(labels)
+    return candidates
 
 
 def cmd_report(args) -> int:
