@@ -309,3 +309,21 @@ def test_a_name_that_becomes_a_folder_cannot_leave_the_run_folder(tmp_path, smal
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert tree_digest(tmp_path) == before
+
+
+def test_every_option_of_every_command_has_help_that_states_its_default():
+    import argparse
+
+    from loracombench.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{where} has no help"
+            stated = action.default is None or isinstance(action.default, bool) or action.required
+            assert stated or f"(default: {action.default})" in text or "default" in action.help.lower(), where

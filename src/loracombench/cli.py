@@ -19,8 +19,25 @@ from . import __version__
 SAMPLE_HELP = "a size larger than the split is an error"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default after its help, unless the help already
+    states it or there is none to state (a required option, a flag, an unset optional value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.required or not action.option_strings
+                or action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its usage errors on one line (exit status 2, as before)."""
+    """argparse, with its usage errors on one line (exit status 2, as before), and every option's
+    default in --help; subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -387,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation import EvalConfig
     from .executors import EXECUTORS, RAY_EXTRA
 
-    parser = OneLineParser(prog="loracombench", description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="loracombench", description=__doc__)
     parser.add_argument("--version", action="version", version=f"loracombench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -447,14 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder (default: the base model)")
     p.add_argument("--label", default=None, help="name of the model in the result file")
-    p.add_argument("--split", default=e.split)
+    p.add_argument("--split", default=e.split, help="the split scored (a run scores test)")
     p.add_argument("--n-eval", type=count(1), default=e.n_eval,
                    help=f"examples scored (seeded sample; {SAMPLE_HELP})")
     p.add_argument("--n-generate", type=count(0), default=e.n_generate,
                    help="GSM8K: problems answered by generation (a prefix of the sample; 0: none)")
-    p.add_argument("--max-new-tokens", type=count(1), default=e.max_new_tokens)
-    p.add_argument("--batch-size", type=count(1), default=e.batch_size)
-    p.add_argument("--generate-batch-size", type=count(1), default=e.generate_batch_size)
+    p.add_argument("--max-new-tokens", type=count(1), default=e.max_new_tokens,
+                   help="GSM8K: the most tokens a generated answer may have")
+    p.add_argument("--batch-size", type=count(1), default=e.batch_size, help="rows per log-likelihood forward pass")
+    p.add_argument("--generate-batch-size", type=count(1), default=e.generate_batch_size,
+                   help="GSM8K: prompts generated together")
     p.add_argument("--seed", type=int, default=e.seed, help="seed of the evaluation sample")
     add_out_args(p, "folder for metrics.json and predictions.jsonl", required=True)
     p.set_defaults(func=cmd_eval)
@@ -469,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("diagnose", help="interference diagnostics between adapters (JSON + plot)")
-    p.add_argument("--adapters", nargs="+", type=Path, required=True)
+    p.add_argument("--adapters", nargs="+", type=Path, required=True,
+                   help="two or more adapter folders on the same base model")
     add_out_args(p, "folder for diagnostics.json and diagnostics.png", required=True)
     p.set_defaults(func=cmd_diagnose)
 
@@ -497,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="choose each task's learning rate on validation data (never test)")
     p.add_argument("--config", default=None, help="preset name or YAML file; everything but the rate is kept")
-    p.add_argument("--learning-rates", nargs="+", type=float, required=True, metavar="LR")
+    p.add_argument("--learning-rates", nargs="+", type=float, required=True, metavar="LR",
+                   help="the rates to train each task's expert with, each once")
     p.add_argument("--tasks", nargs="+", default=None, help="default: the config's tasks")
     p.add_argument("--n-validation", type=count(1), default=None,
                    help="validation rows per task (default: all; GSM8K: train rows outside the training sample)")
@@ -509,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verbalizers", help="base-model validation scores of candidate label words")
     p.add_argument("--config", default=None, help="preset name or YAML file (model, data)")
-    p.add_argument("--task", default="ag_news")
+    p.add_argument("--task", default="ag_news", help="a multiple-choice task")
     p.add_argument("--candidates", nargs="+", required=True, metavar="A,B,C,D",
                    help="label sets, comma-separated, in the task's label order")
     p.add_argument("--n-validation", type=count(1), default=None, help="validation rows (default: all)")
@@ -519,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verbalizers)
 
     p = sub.add_parser("report", help="rebuild results.csv/.md/.png of a run folder from its result files")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="the folder of a finished or interrupted `loracombench run`")
     p.set_defaults(func=cmd_report)
 
     add_analysis_parsers(sub)
