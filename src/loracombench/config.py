@@ -232,7 +232,11 @@ class ExperimentConfig(Strict):
         for task, changes in self.train_per_task.items():
             if "seed" in changes:
                 raise ValueError(f"train_per_task.{task}.seed: seeds are given by `seeds: [...]`")
-            self.train_settings(task, self.seeds[0])
+            try:
+                self.train_settings(task, self.seeds[0])
+            except ValidationError as err:  # named by its full key, not as if it were train's
+                problems = flatten_validation_error(err).split("; ")
+                raise ValueError("; ".join(f"train_per_task.{task}.{problem}" for problem in problems)) from None
         return self
 
     @model_validator(mode="after")
