@@ -182,6 +182,9 @@ CASES = [
      "not a readable safetensors file"),
     ("eval-garbage-adapter", [*EVAL, "--n-eval", "4", "--adapter", "{w}/broken/garbage", "--out", "{w}/new"],
      "not a readable safetensors file"),
+    ("eval-missing-adapter-named-first", ["eval", "--task", "ag_news", "--model", "{w}/no_such_model", *M, "--n-eval", "4",
+                                          "--adapter", "{w}/no_such_adapter", "--out", "{w}/new"],
+     "--adapter: "),
     ("eval-adapter-of-other-base", [*EVAL, "--n-eval", "4", "--adapter", "{w}/gpt2_adapter", "--out", "{w}/new"],
      "was made for base model tiny-gpt2"),
     # run: every config field and the command line
@@ -333,3 +336,14 @@ def test_every_option_of_every_command_has_help_that_states_its_default():
             assert action.help, f"{where} has no help"
             stated = action.default is None or isinstance(action.default, bool) or action.required
             assert stated or f"(default: {action.default})" in text or "default" in action.help.lower(), where
+
+
+def test_eval_records_the_generations_it_made_not_more(tmp_path, small_mirror):
+    """--n-generate larger than the sample generates the whole sample, and says so."""
+    from loracombench import metrics
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--task", "gsm8k", "--model", "tiny-llama", "--data-dir", str(small_mirror),
+                 "--n-eval", "2", "--n-generate", "4", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    record = metrics.read_result(out)
+    assert record["config"]["n_generate"] == 2 and record["metrics"]["exact_match_flexible"]["n"] == 2

@@ -178,10 +178,16 @@ def cmd_eval(args) -> int:
               inputs={"--adapter": args.adapter, "--data-dir": _data_input(args.data_dir),
                       "--model": _local_path(args.model)})
     device = check_device(args.device)
-    config = EvalConfig(n_eval=args.n_eval, n_generate=args.n_generate, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, generate_batch_size=args.generate_batch_size,
-                        seed=args.seed, split=args.split)
     rows = load_sample(task, args.split, args.n_eval, args.seed, args.data_dir, what="--n-eval")
+    # Recorded as what was generated: never more than the rows evaluated.
+    config = EvalConfig(n_eval=args.n_eval, n_generate=min(args.n_generate, len(rows)),
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        generate_batch_size=args.generate_batch_size, seed=args.seed, split=args.split)
+    if args.adapter:  # its error before the model's: the adapter is the likelier mistake, and cheap to read
+        try:
+            adapters.read_adapter(args.adapter)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"--adapter: {err}") from None
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     model = adapters.apply_adapter(loaded, args.adapter) if args.adapter else loaded.model
     model.to(device)

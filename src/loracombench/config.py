@@ -285,7 +285,9 @@ class ExperimentConfig(Strict):
 
         sizes = {t: self.eval.n_eval[t] for t in self.tasks if get_task(t).kind == "generation"
                  and self.eval.n_eval.get(t) is not None}
-        if self.eval.n_generate is not None and any(self.eval.n_generate > n for n in sizes.values()):
+        # Only when set here: the default (30) is cut to a smaller sample without complaint.
+        given = "n_generate" in self.eval.model_fields_set and self.eval.n_generate is not None
+        if given and any(self.eval.n_generate > n for n in sizes.values()):
             raise ValueError(f"eval.n_generate={self.eval.n_generate} is more than the generation tasks' "
                              f"eval.n_eval {sizes}: it counts a prefix of the evaluated rows")
         return self

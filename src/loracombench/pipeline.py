@@ -331,8 +331,10 @@ class Experiment:
                 f"{sweep_folder / weight_sweep.PLOT_ALL_FILE}")
 
     def eval_config(self, task: str) -> EvalConfig:
-        settings = self.config.eval
-        return EvalConfig(n_eval=settings.n_eval[task], n_generate=settings.n_generate,
+        settings, n_eval = self.config.eval, self.config.eval.n_eval[task]
+        # Recorded as what was generated: never more than the rows evaluated.
+        n_generate = settings.n_generate if None in (n_eval, settings.n_generate) else min(settings.n_generate, n_eval)
+        return EvalConfig(n_eval=n_eval, n_generate=n_generate,
                           max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                           generate_batch_size=settings.generate_batch_size, seed=settings.seed,
                           split=settings.split, dtype=self.precision)
