@@ -58,7 +58,6 @@ CONFIGS = {
     "composition_unknown_param.yaml": with_changes(compositions=[{"method": "route_oracle", "params": {"foo": 1}}]),
     "oversized_n_validation.yaml": with_changes(compositions=[{"method": "lorahub",
                                                                "params": {"n_validation": 1000}}]),
-    "n_generate_beyond_n_eval.yaml": with_changes(eval__n_generate=50),
 }
 
 
@@ -226,8 +225,6 @@ CASES = [
                                        "--out", "{w}/new"], "foo"),
     ("run-oversized-n-validation", [*RUN, "--config", "{w}/configs/oversized_n_validation.yaml",
                                     "--out", "{w}/new"], "n_validation of composition lorahub_n_validation1000=1000"),
-    ("run-n-generate-beyond-n-eval", [*RUN, "--config", "{w}/configs/n_generate_beyond_n_eval.yaml",
-                                      "--out", "{w}/new"], "eval.n_generate=50 is more than"),
     ("train-infinite-lr", [*TRAIN, "--lr", "inf", "--out", "{w}/new"], "--lr"),
     ("sweep-repeated-rate", ["sweep", *M, "--config", "{w}/configs/ok.yaml", "--learning-rates", "1e-3", "0.001",
                              "--out", "{w}/new"], "--learning-rates repeats a rate"),

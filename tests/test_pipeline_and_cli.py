@@ -145,3 +145,16 @@ def test_models_and_data_commands(capsys, small_mirror):
     assert main(["data", "--data-dir", str(small_mirror)]) == 0
     shown = capsys.readouterr().out
     assert "gsm8k" in shown and "validation" in shown
+
+
+def test_each_tasks_eval_config_records_the_generations_its_sample_allows(tmp_path):
+    """n_generate is one number for every task; a task with fewer evaluation rows generates them
+    all, and its records say how many that was."""
+    from loracombench.config import ExperimentConfig
+    from loracombench.pipeline import Experiment
+
+    config = ExperimentConfig(**{**SMOKE, "eval": {**SMOKE["eval"], "n_eval": {"ag_news": 8, "gsm8k": 3},
+                                                   "n_generate": 4}})
+    experiment = Experiment(config, tmp_path / "run")
+    assert experiment.eval_config("gsm8k").n_generate == 3
+    assert experiment.eval_config("ag_news").n_generate == 4

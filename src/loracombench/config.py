@@ -279,19 +279,6 @@ class ExperimentConfig(Strict):
                 raise ValueError(f"merges.{index}.weights ({spec.name}): {err}") from None
         return self
 
-    @model_validator(mode="after")
-    def _generated_rows_are_evaluated_rows(self) -> "ExperimentConfig":
-        from .tasks import get_task
-
-        sizes = {t: self.eval.n_eval[t] for t in self.tasks if get_task(t).kind == "generation"
-                 and self.eval.n_eval.get(t) is not None}
-        # Only when set here: the default (30) is cut to a smaller sample without complaint.
-        given = "n_generate" in self.eval.model_fields_set and self.eval.n_generate is not None
-        if given and any(self.eval.n_generate > n for n in sizes.values()):
-            raise ValueError(f"eval.n_generate={self.eval.n_generate} is more than the generation tasks' "
-                             f"eval.n_eval {sizes}: it counts a prefix of the evaluated rows")
-        return self
-
 
 def load_config(path_or_preset: str | Path | None = None, overrides: dict | None = None) -> ExperimentConfig:
     """A preset name (configs/<name>.yaml) or a YAML path; None is the default preset."""
