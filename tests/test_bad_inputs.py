@@ -136,7 +136,7 @@ CASES = [
     ("merge-missing-adapter", ["merge", "--adapters", "{w}/adapters/a", "{w}/nowhere", "--out", "{w}/new"],
      "nowhere is not a PEFT adapter folder"),
     ("merge-unknown-method", [*MERGE, "--method", "nope", "--out", "{w}/new"], "'nope'"),
-    ("merge-weight-count", [*MERGE, "--weights", "1", "--out", "{w}/new"], "weights"),
+    ("merge-weight-count", [*MERGE, "--weights", "1", "--out", "{w}/new"], "--weights: got 1 weights for 2 adapters"),
     ("merge-unknown-param", [*MERGE, "--param", "bogus=1", "--out", "{w}/new"], "bogus"),
     ("merge-no-out", MERGE, "--out"),
     # train: sizes, device, data, outputs
@@ -226,6 +226,9 @@ CASES = [
     ("run-oversized-n-validation", [*RUN, "--config", "{w}/configs/oversized_n_validation.yaml",
                                     "--out", "{w}/new"], "n_validation of composition lorahub_n_validation1000=1000"),
     ("train-infinite-lr", [*TRAIN, "--lr", "inf", "--out", "{w}/new"], "--lr"),
+    ("verbalizers-oversized-n-validation", ["verbalizers", *M, "--config", "{w}/configs/ok.yaml", "--candidates",
+                                            "A,B,C,D", "--n-validation", "100",
+                                            "--out", "{w}/new"], "--n-validation=100 asks for more rows"),
     ("sweep-repeated-rate", ["sweep", *M, "--config", "{w}/configs/ok.yaml", "--learning-rates", "1e-3", "0.001",
                              "--out", "{w}/new"], "--learning-rates repeats a rate"),
     ("verbalizers-generation-task", ["verbalizers", *M, "--task", "gsm8k", "--candidates", "a,b",

@@ -226,9 +226,15 @@ def cmd_merge(args) -> int:
     if not args.adapters or not args.out:
         raise ValueError("merge needs --adapters DIR [DIR ...] and --out DIR (or --list)")
     from .adapters import merge_adapter_dirs
+    from .merging import MergeError
+    from .merging.merge import checked_weights
     from .outputs import check_out
 
     check_out(args.out, "merge", overwrite=args.overwrite, inputs={"--adapters": args.adapters})
+    try:
+        checked_weights(args.weights, len(args.adapters))
+    except MergeError as err:
+        raise ValueError(f"--weights: {err}") from None
     meta = merge_adapter_dirs(args.adapters, args.method, args.out, args.weights, _parse_key_values(args.param))
     print(f"merged {len(args.adapters)} adapters with {args.method} into {args.out}")
     print(json.dumps(meta["info"], indent=2, default=str))

@@ -23,7 +23,7 @@ from .tasks import get_task
 
 
 def validation_rows(experiment: Experiment, task: str, n: int | None) -> list[dict]:
-    return experiment.validation_rows(task, n)
+    return experiment.validation_rows(task, n, what="--n-validation")
 
 
 def score_cell(experiment: Experiment, entry, task, rows: list[dict], folder: Path) -> dict:
