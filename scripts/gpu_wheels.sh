@@ -9,7 +9,12 @@ GPU_PYTHON=${GPU_PYTHON:-3.12}
 pins=$("$PY" -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in [
     'transformers', 'peft', 'pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection',
     'typing-extensions', 'regex']))")
-rm -rf .whl && mkdir .whl
+# .whl/ is this script's own folder: it replaces earlier wheels, but nothing else put there.
+if [ -e .whl ] && find .whl -mindepth 1 ! -name '*.whl' | grep -q .; then
+  echo "gpu_wheels.sh: .whl/ holds files other than wheels; move them away first" >&2
+  exit 2
+fi
+rm -f .whl/*.whl && mkdir -p .whl
 # shellcheck disable=SC2086
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

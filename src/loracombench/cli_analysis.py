@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 DEFAULT_TOKENIZER = "smollm2-135m"
 
