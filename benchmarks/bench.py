@@ -44,7 +44,8 @@ import yaml
 
 import bench_merge
 from loracombench import adapters, evaluation, io
-from loracombench.config import PRESETS_DIR, TrainSettings, load_config
+from loracombench.cli import HelpFormatter
+from loracombench.config import PRESETS_DIR, EvalSettings, TrainSettings, load_config
 from loracombench.data import load_sample
 from loracombench.evaluation import EvalConfig
 from loracombench.models import DEFAULT_MODEL, environment, load_model
@@ -116,6 +117,11 @@ class Context:
         """The default run's LoRA and optimiser settings, at the bench's batch size, one epoch, never checkpointed."""
         return TrainSettings(**{**self.preset["train"], "epochs": 1, "batch_size": self.args.train_batch_size,
                                 "checkpoint_every": 0})
+
+    @property
+    def score_batch_size(self) -> int:
+        """--score-batch-size, else the rows per scoring pass of the default run."""
+        return self.args.score_batch_size or EvalSettings(**self.preset.get("eval", {})).batch_size
 
     def sample(self, task: str, split: str, n: int) -> list[dict]:
         return load_sample(task, split, n, self.args.seed, self.args.data_dir)
@@ -267,16 +273,18 @@ def scoring_section(ctx: Context) -> dict:
     args, task = ctx.args, get_task("ag_news")
     rows = ctx.sample("ag_news", "test", args.score_rows)
     tokenizer = ctx.shared.loaded.tokenizer
-    label_config = EvalConfig(max_new_tokens=args.label_tokens, generate_batch_size=args.score_batch_size)
+    batch_size = ctx.score_batch_size
+    label_config = EvalConfig(max_new_tokens=args.label_tokens, generate_batch_size=batch_size)
     with ctx.shared.with_adapter(None) as model:
         # This host's speed drifts by tens of percent within minutes, so the peak is measured
         # just before and just after the timed scoring, and the better of the two kept.
         peak_before = matmul_peak_flops(args.matmul_size)
         with counted_tokens(model) as counts:
             ours, ours_s = timed(lambda: evaluation.score_choices(model, tokenizer, task, rows,
-                                                                  args.score_batch_size, progress=False))
+                                                                  batch_size, progress=False))
         peak = max(peak_before, matmul_peak_flops(args.matmul_size))
-        lm_eval, lm_eval_s = timed(lambda: score_like_lm_eval(model, tokenizer, task, rows))
+        with counted_tokens(model) as lm_eval_counts:
+            lm_eval, lm_eval_s = timed(lambda: score_like_lm_eval(model, tokenizer, task, rows))
         each, each_s = timed(lambda: score_like_lm_eval(model, tokenizer, task, rows, reuse_logits=False))
         _, generate_s = timed(lambda: evaluation.generate(model, tokenizer, [task.prompt(r) for r in rows],
                                                           label_config, ("\n",), progress=False))
@@ -285,6 +293,9 @@ def scoring_section(ctx: Context) -> dict:
     # A forward pass costs 2·N per token read (the vocabulary projection, on a few positions
     # only, is left out, as the training figure leaves it out).
     flops = 2 * non_embedding_parameters(model) * sum(counts)
+    # lm-eval projects every position onto the vocabulary: 2·V·d more per token read.
+    lm_eval_flops = (2 * non_embedding_parameters(model) + 2 * model.get_output_embeddings().weight.numel()) \
+        * sum(lm_eval_counts)
     # The issue set its 3x target against "a forward pass per choice (lm-eval's default)", but
     # lm-eval's default shares one pass among one-token choices: the target is held to that.
     return {"ratios": [ratio("articles/s: score_choices ÷ lm-eval's scoring (its default, logits_cache)",
@@ -293,15 +304,21 @@ def scoring_section(ctx: Context) -> dict:
                              each_s / ours_s),
                        ratio("articles/s: score_choices ÷ generating the label (batched greedy)",
                              generate_s / ours_s),
-                       ratio("model FLOP/s ÷ fp32 matmul peak, score_choices", flops / ours_s / peak)],
+                       ratio("model FLOP/s ÷ fp32 matmul peak, score_choices", flops / ours_s / peak),
+                       ratio("model FLOP/s ÷ fp32 matmul peak, lm-eval's scoring", lm_eval_flops / lm_eval_s / peak),
+                       # What the first ratio would be if score_choices ran its FLOPs at the full
+                       # peak (attention left out, so a bound): a target above it asks for less work.
+                       ratio("ceiling of the first ratio: lm-eval's seconds ÷ score_choices' FLOPs at the matmul peak",
+                             lm_eval_s / (flops / peak))],
             "agreement": {"max_abs_logprob_diff": difference, "same_prediction": same, "rows": len(rows),
                           "holds": difference < ctx.args.tolerance and same == len(rows)},
             "measured": {"articles": len(rows), "choices": len(task.choices(rows[0])),
                          "seconds": {"score_choices": ours_s, "lm_eval": lm_eval_s, "per_choice": each_s,
                                      "generate_label": generate_s},
                          "tokens_read": sum(counts), "forward_passes": len(counts),
+                         "lm_eval_tokens_read": sum(lm_eval_counts), "lm_eval_forward_passes": len(lm_eval_counts),
                          "model_gflops_per_s": flops / ours_s / 1e9, "matmul_peak_gflops_per_s": peak / 1e9,
-                         "batch_size": args.score_batch_size, "label_tokens": args.label_tokens}}
+                         "batch_size": batch_size, "label_tokens": args.label_tokens}}
 
 
 # ---------------------------------------------------------------- 3. GSM8K generation
@@ -370,7 +387,7 @@ def adapters_section(ctx: Context) -> dict:
     rows = ctx.sample("ag_news", "test", args.adapter_rows)
 
     def score(model, tokenizer) -> list[list[float]]:
-        return evaluation.score_choices(model, tokenizer, task, rows, args.score_batch_size, progress=False)
+        return evaluation.score_choices(model, tokenizer, task, rows, ctx.score_batch_size, progress=False)
 
     def one_load() -> list:
         shared = adapters.SharedBase(load_model(args.model))
@@ -735,7 +752,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("`", ""), formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--only", help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
     add("--model", default=DEFAULT_MODEL, help=f"base model (default {DEFAULT_MODEL}; tiny-llama for a quick check)")
@@ -744,14 +761,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="the row samples' seed")
     add("--tolerance", type=float, default=1e-3, help="largest log-likelihood difference that still agrees")
     add("--train-rows", type=positive_int, default=32, help="training rows per task (AG News and GSM8K)")
-    add("--train-batch-size", type=positive_int, default=8)
+    add("--train-batch-size", type=positive_int, default=8, help="rows per optimizer step")
     add("--matmul-size", type=positive_int, default=2048, help="side of the square fp32 matmul that sets the peak")
-    add("--score-rows", type=positive_int, default=48, help="AG News test articles scored")
-    add("--score-batch-size", type=positive_int, default=16)
+    add("--score-rows", type=positive_int, default=96, help="AG News test articles scored")
+    add("--score-batch-size", type=positive_int, default=None,
+        help="rows per scoring pass (default: the default run's eval batch_size, "
+             f"{EvalSettings().batch_size} unless configs/default.yaml sets it)")
     add("--label-tokens", type=positive_int, default=4, help="new tokens when generating the AG News label")
     add("--generate-rows", type=positive_int, default=16, help="GSM8K test prompts generated")
-    add("--generate-batch-size", type=positive_int, default=16)
-    add("--max-new-tokens", type=positive_int, default=128)
+    add("--generate-batch-size", type=positive_int, default=16, help="prompts per batch")
+    add("--max-new-tokens", type=positive_int, default=128, help="new tokens per GSM8K prompt at most")
     add("--adapters", type=positive_int, default=3, help="random adapters evaluated in the adapters section")
     add("--adapter-rows", type=positive_int, default=32, help="AG News test articles each adapter scores")
     add("--adapter-std", type=float, default=0.02, help="standard deviation of the random adapters' lora_B")

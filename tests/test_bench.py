@@ -107,6 +107,22 @@ def test_scoring_reports_its_share_of_the_matmul_peak(result):
     assert measured["tokens_read"] > 0 and measured["forward_passes"] >= 1
     assert figure["value"] == pytest.approx(
         measured["model_gflops_per_s"] / measured["matmul_peak_gflops_per_s"], rel=1e-3)  # 4 digits kept
+    # lm-eval reads every prompt whole; ours reads the shared instruction once.
+    assert measured["lm_eval_tokens_read"] > measured["tokens_read"] and measured["lm_eval_forward_passes"] == 4
+    figures = {r["figure"]: r["value"] for r in scoring["ratios"]}
+    seconds = measured["seconds"]
+    at_peak = seconds["score_choices"] * measured["model_gflops_per_s"] / measured["matmul_peak_gflops_per_s"]
+    ceiling = figures["ceiling of the first ratio: lm-eval's seconds ÷ score_choices' FLOPs at the matmul peak"]
+    assert ceiling == pytest.approx(seconds["lm_eval"] / at_peak, rel=1e-3)
+    # Nothing runs above the peak, so the measured ratio is under its ceiling.
+    assert figures["articles/s: score_choices ÷ lm-eval's scoring (its default, logits_cache)"] < ceiling
+    assert measured["batch_size"] == 4
+
+
+def test_scoring_batches_as_the_default_run_unless_told():
+    args = bench.build_parser().parse_args([])
+    assert bench.Context(args).score_batch_size == 8 == bench.EvalSettings().batch_size
+    assert bench.Context(bench.build_parser().parse_args(["--score-batch-size", "3"])).score_batch_size == 3
 
 
 @needs_mirror
