@@ -3,6 +3,7 @@ leftovers of killed saves, and outputs that never replace what they were not mad
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import os
@@ -239,6 +240,46 @@ def test_merge_replaces_an_earlier_merge_only_with_overwrite(tmp_path, capsys):
     after = tree_digest(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("merged")} == {
         k: v for k, v in before.items() if not k.startswith("merged")}  # the inputs are untouched
+
+
+def test_an_output_filled_while_the_command_ran_is_kept_and_the_new_one_set_aside(tmp_path, capsys, monkeypatch):
+    """--out was absent when merge began; another command (or the user) fills it before merge
+    publishes. Nothing the user did not ask to replace is replaced: merge exits 2, the other
+    output stays, and merge's complete output waits beside it under a name the error gives."""
+    a, b = make_adapter(tmp_path / "a", 1), make_adapter(tmp_path / "b", 2)
+    out = tmp_path / "merged"
+    publish = io.atomic_dir
+
+    @contextlib.contextmanager
+    def filled_meanwhile(path):
+        with publish(path) as staging:
+            yield staging
+            out.mkdir()
+            (out / "theirs.txt").write_text("the other command's output")
+
+    monkeypatch.setattr(io, "atomic_dir", filled_meanwhile)
+    assert main(["merge", "--adapters", str(a), str(b), "--out", str(out), "--method", "average"]) == 2
+    error = capsys.readouterr().err
+    assert "was filled by something else while this command ran" in error
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    aside = next(tmp_path.glob("merged.not-published-*")) / "merged"
+    assert str(aside) in error and io.read_json(aside / "loracombench.json")["method"] == "average"
+    assert not [p for p in tmp_path.iterdir() if io.is_leftover(p.name)]
+
+
+def test_a_create_only_output_still_takes_the_place_of_leftovers_and_others_are_replaced(tmp_path):
+    fresh, earlier = tmp_path / "fresh", tmp_path / "earlier"
+    fresh.mkdir()
+    (fresh / io.LOCK_FILE).write_text("123")  # a stale lock: an empty folder to check_out
+    io.create_only(fresh)
+    with io.atomic_dir(fresh) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in fresh.iterdir()) == ["new.txt"]
+    earlier.mkdir()
+    (earlier / "old.txt").write_text("old")
+    with io.atomic_dir(earlier) as staging:  # unclaimed (a run's cell, or --overwrite): replaced
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in earlier.iterdir()) == ["new.txt"]
 
 
 def test_run_refuses_remote_code_without_the_flag_but_accepts_it_with(tmp_path, small_mirror, monkeypatch):

@@ -9,6 +9,7 @@ process is still alive is never touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -155,11 +156,29 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise
 
 
+# Output folders that a command found absent or empty and so may only create, never replace
+# (outputs.check_out adds them): another command, or the user, can fill one while this one runs.
+_CREATE_ONLY: set[Path] = set()
+
+
+class OutputAppearedError(FileExistsError):
+    """An output folder that was absent or empty when the command started was filled by
+    something else before the command finished; it is kept, and the command's output is set aside."""
+
+
+def create_only(path: str | Path, only: bool = True) -> None:
+    """Whether atomic_dir may later publish `path` only where nothing but leftovers is (only), or
+    may replace what is there (the user asked to, with --overwrite)."""
+    (_CREATE_ONLY.add if only else _CREATE_ONLY.discard)(Path(path).resolve())
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh staging folder beside `path`; it replaces `path` only if the block succeeds.
 
-    An existing `path` is kept until the new one is complete, so a failed rerun loses nothing."""
+    An existing `path` is kept until the new one is complete, so a failed rerun loses nothing.
+    A path claimed with create_only is never replaced if it holds more than leftovers by then:
+    the new folder is set aside beside it and OutputAppearedError says where."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
@@ -168,16 +187,40 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield staging
         _ordinary_permissions(staging)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
+        if path.resolve() in _CREATE_ONLY:
+            _publish_new(staging, path)
+        elif path.exists():
+            _replace_dir(staging, path)
         else:
             os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _replace_dir(staging: Path, path: Path) -> None:
+    old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".old", dir=path.parent))
+    os.replace(path, old / "x")
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _publish_new(staging: Path, path: Path) -> None:
+    """Move `staging` to `path` unless `path` now holds something: rename(2) onto a non-empty
+    folder fails, so nothing written there in the meantime can be replaced."""
+    try:
+        os.rename(staging, path)
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+    if path.is_dir() and not path.is_symlink() and all(is_leftover(e.name) for e in path.iterdir()):
+        _replace_dir(staging, path)  # only a stale lock or a killed save's temporaries
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f"{path.name}.not-published-", dir=path.parent))
+    os.replace(staging, aside / path.name)
+    raise OutputAppearedError(f"{path} was filled by something else while this command ran; it was left as it is, "
+                              f"and this command's complete output is in {aside / path.name}")
 
 
 def _ordinary_permissions(folder: Path) -> None:

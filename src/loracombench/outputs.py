@@ -127,6 +127,8 @@ def check_out(out: str | Path, kind: str, *, overwrite: bool = False,
             raise OutputError(f"{flag} {out} {what}; give a folder path that does not exist yet "
                               f"(nothing was written)")
     if not out.exists() or _is_empty(out):
+        # What fills it before the command ends was not the user's to lose: publish only as new.
+        io.create_only(out, not kind_.resumed)
         return out
     if not kind_.recognise(out):
         raise OutputError(f"{flag} {out} is a non-empty folder that does not hold {kind_.description}; "
@@ -134,4 +136,5 @@ def check_out(out: str | Path, kind: str, *, overwrite: bool = False,
     if not kind_.resumed and not overwrite:
         raise OutputError(f"{flag} {out} already holds {kind_.description}; pass --overwrite to replace it, "
                           f"or choose another folder")
+    io.create_only(out, False)
     return out
