@@ -58,6 +58,11 @@ CONFIGS = {
     "composition_unknown_param.yaml": with_changes(compositions=[{"method": "route_oracle", "params": {"foo": 1}}]),
     "oversized_n_validation.yaml": with_changes(compositions=[{"method": "lorahub",
                                                                "params": {"n_validation": 1000}}]),
+    # YAML's yes/true is not a number and 1 is not a flag (pydantic would read them as 1 and true)
+    "yes_epochs.yaml": with_changes(train__epochs=True),
+    "one_as_flag.yaml": with_changes(train__shared_init=1),
+    "true_n_train.yaml": with_changes(n_train={"ag_news": True, "gsm8k": 4}),
+    "train_split.yaml": with_changes(eval__split="train"),
 }
 
 
@@ -225,6 +230,14 @@ CASES = [
                                        "--out", "{w}/new"], "foo"),
     ("run-oversized-n-validation", [*RUN, "--config", "{w}/configs/oversized_n_validation.yaml",
                                     "--out", "{w}/new"], "n_validation of composition lorahub_n_validation1000=1000"),
+    ("run-yes-epochs", [*RUN, "--config", "{w}/configs/yes_epochs.yaml", "--out", "{w}/new"],
+     "train.epochs: must be a number, not true/false"),
+    ("run-one-as-flag", [*RUN, "--config", "{w}/configs/one_as_flag.yaml", "--out", "{w}/new"],
+     "train.shared_init: must be true or false"),
+    ("run-true-n-train", [*RUN, "--config", "{w}/configs/true_n_train.yaml", "--out", "{w}/new"],
+     "n_train: must be a number, not true/false (at ag_news)"),
+    ("run-train-split", [*RUN, "--config", "{w}/configs/train_split.yaml", "--out", "{w}/new"],
+     "eval.split: a run scores its models on held-out rows"),
     ("train-infinite-lr", [*TRAIN, "--lr", "inf", "--out", "{w}/new"], "--lr"),
     ("verbalizers-oversized-n-validation", ["verbalizers", *M, "--config", "{w}/configs/ok.yaml", "--candidates",
                                             "A,B,C,D", "--n-validation", "100",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 
 import yaml
@@ -34,9 +35,32 @@ def flatten_validation_error(err: ValidationError, where: str | None = None,
     return (f"{where}: " if where else "") + "; ".join(problems)
 
 
+def _bool_mismatch(annotation, value) -> str | None:
+    """Why `value` must not fill a field of this type: pydantic's lax mode reads true as 1 for a
+    number (`epochs: yes` trains one epoch) and 1 or "no" as a flag. Numbers given as strings
+    stay accepted: YAML reads 1e-3 (no dot) as a string."""
+    allowed = set(typing.get_args(annotation)) or {annotation}
+    if isinstance(value, bool) and bool not in allowed and allowed & {int, float}:
+        return "a number, not true/false"
+    if allowed <= {bool, type(None)} and bool in allowed and not isinstance(value, bool) and value is not None:
+        return "true or false"
+    if typing.get_origin(annotation) is dict and isinstance(value, dict):
+        inner = typing.get_args(annotation)[1]
+        return next((f"{why} (at {key})" for key, item in value.items() if (why := _bool_mismatch(inner, item))), None)
+    return None
+
+
 class Strict(BaseModel):
     # Unknown keys are errors, and so are inf and nan (a learning rate of .inf trains to nan).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_and_flags_keep_their_kind(cls, value, info):
+        why = _bool_mismatch(cls.model_fields[info.field_name].annotation, value)
+        if why:
+            raise ValueError(f"must be {why}")
+        return value
 
 
 class TrainSettings(Strict):
@@ -101,6 +125,14 @@ class EvalSettings(Strict):
     # 16 is 25% padding (8: 11%) and scores in 29 s against 23.5 s; AG News is as fast at either.
     batch_size: int = Field(8, ge=1)
     generate_batch_size: int = Field(32, ge=1)
+
+    @field_validator("split")
+    @classmethod
+    def _not_the_training_split(cls, value: str) -> str:
+        if value == "train":  # the report would call training-set accuracy a test result
+            raise ValueError("a run scores its models on held-out rows; train would score the experts on "
+                             "rows they may have been trained on (use test, or validation where the task has one)")
+        return value
 
 
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
