@@ -63,6 +63,7 @@ CONFIGS = {
     "one_as_flag.yaml": with_changes(train__shared_init=1),
     "true_n_train.yaml": with_changes(n_train={"ag_news": True, "gsm8k": 4}),
     "train_split.yaml": with_changes(eval__split="train"),
+    "unknown_target.yaml": with_changes(train__target_modules=["q_proj", "qkv"]),
 }
 
 
@@ -239,6 +240,11 @@ CASES = [
     ("run-train-split", [*RUN, "--config", "{w}/configs/train_split.yaml", "--out", "{w}/new"],
      "eval.split: a run scores its models on held-out rows"),
     ("train-infinite-lr", [*TRAIN, "--lr", "inf", "--out", "{w}/new"], "--lr"),
+    ("train-unknown-target", [*TRAIN, "--target-modules", "q_proj", "qkv", "--out", "{w}/new"],
+     "--target-modules qkv: no module of the base model is named so; its linear layers are down_proj"),
+    ("run-unknown-target", [*RUN, "--config", "{w}/configs/unknown_target.yaml", "--out", "{w}/new"],
+     "train.target_modules qkv: no module"),
+    ("eda-bad-tokenizer", ["eda", *M, "--tokenizer", "{w}/nowhere", "--out", "{w}/new"], "--tokenizer "),
     ("verbalizers-oversized-n-validation", ["verbalizers", *M, "--config", "{w}/configs/ok.yaml", "--candidates",
                                             "A,B,C,D", "--n-validation", "100",
                                             "--out", "{w}/new"], "--n-validation=100 asks for more rows"),

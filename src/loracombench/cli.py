@@ -130,7 +130,7 @@ def cmd_train(args) -> int:
     from .checkpoint import check_checkpoint_dir
     from .config import ConfigError, TrainSettings, flatten_validation_error, load_config
     from .data import load_sample
-    from .models import check_device, load_model, resolve_dtype
+    from .models import check_device, check_target_modules, load_model, resolve_dtype
     from .outputs import check_out
     from .tasks import get_task
     from .training import train_adapter
@@ -156,6 +156,7 @@ def cmd_train(args) -> int:
         raise ConfigError(flatten_validation_error(err, names=names)) from None
     rows = load_sample(task, "train", args.n_train, args.data_seed, args.data_dir, what="--n-train")
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    check_target_modules(loaded.model, config.target_modules, "--target-modules")
     with distributed.session(args.device) as world:
         meta = train_adapter(loaded, task, rows, config, out, args.device, dtype=dtype,
                              extra_metadata={"data_seed": args.data_seed, "data": str(args.data_dir or "default")})

@@ -70,7 +70,10 @@ def _load_tokenizer(name: str):
     except ImportError as err:
         raise ValueError(f"cannot load the tokenizer ({err}); rerun with --no-tokens to skip "
                          "the token statistics") from err
-    return load_tokenizer(name)
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as err:  # transformers' and the hub's own messages name no flag
+        raise ValueError(f"--tokenizer {name}: {err}") from None
 
 
 def run_eda_command(args: argparse.Namespace) -> int:

@@ -74,6 +74,18 @@ def target_modules_for(model_type: str) -> list[str]:
         ) from None
 
 
+def check_target_modules(model: torch.nn.Module, targets: list[str] | None, where: str) -> None:
+    """Refuse LoRA targets that name no module of the model, as PEFT matches them (the whole name
+    or its last dotted parts), listing the names that would match; before training, not in it."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets or [] if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        wrappable = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ModelError(f"{where} {' '.join(missing)}: no module of the base model is named so; "
+                         f"its linear layers are {', '.join(wrappable)}")
+
+
 # ---------------------------------------------------------------- fingerprints
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype",

@@ -29,7 +29,7 @@ from .config import ExperimentConfig, stable_hash
 from .data import load_sample, resolve_data_dir, validation_sample
 from .evaluation import EvalConfig, evaluate_composed
 from .executors import SerialExecutor
-from .models import check_device, load_model, pick_device
+from .models import check_device, check_target_modules, load_model, pick_device
 from .tasks import get_task
 
 COMPOSITION_FILE = "composition.json"
@@ -202,7 +202,11 @@ class Experiment:
             n = composition.needs().validation_per_task
             for task in self.config.tasks if n else ():
                 self.validation_rows(task, n, what=f"n_validation of composition {name}")
-        self.shared
+        for task in self.config.tasks:
+            where = f"train_per_task.{task}.target_modules" if "target_modules" in \
+                self.config.train_per_task.get(task, {}) else "train.target_modules"
+            check_target_modules(self.shared.loaded.model,
+                                 self.config.train_settings(task, self.config.seeds[0]).target_modules, where)
 
     # ------------------------------------------------------------ cells
 
