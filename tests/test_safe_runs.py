@@ -148,6 +148,24 @@ def test_a_removed_merge_leaves_the_report_and_is_listed_as_stale(tmp_path, smal
     assert (out / "eval" / "merge_task_arithmetic_seed0" / "ag_news" / "metrics.json").is_file()  # kept on disk
 
 
+def test_a_changed_config_that_stopped_before_its_end_gets_no_mixed_report(tmp_path, small_mirror, capsys,
+                                                                          monkeypatch):
+    """config.json is the new config's from the start, current_results.json the old config's until
+    the end: the report refuses to pair them, and the finished rerun reports the new config."""
+    out = tmp_path / "run"
+    two = write_config(tmp_path, merges=[{"method": "average"}, {"method": "task_arithmetic"}])
+    assert main(["run", "--config", str(two), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
+    one = write_config(tmp_path, merges=[{"method": "average"}])
+    with monkeypatch.context() as patch:
+        patch.setattr(Experiment, "eval_cell", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        assert main(["run", "--config", str(one), "--data-dir", str(small_mirror), "--out", str(out)]) == 130
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "lists the results of another config than" in capsys.readouterr().err
+    assert main(["run", "--config", str(one), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
+    assert "| merge: task_arithmetic |" not in (out / "results.md").read_text()
+
+
 def test_a_second_run_on_a_locked_folder_exits_2_and_changes_nothing(tmp_path, small_mirror, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(

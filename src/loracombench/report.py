@@ -36,6 +36,7 @@ A number that is undefined (retention when the expert does not move the score) i
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as stdio
 from collections import Counter
 from pathlib import Path
@@ -57,10 +58,17 @@ CSV_COLUMNS = ["statistic", "model", "kind", "seed", "task", "split", "metric", 
 
 
 def write_current_results(run_dir: str | Path, folders: list[Path]) -> Path:
-    """Record the result folders of the run's current cells (relative to the run folder)."""
+    """Record the result folders of the run's current cells (relative to the run folder), and
+    which config.json they are the cells of."""
     run_dir = Path(run_dir)
     names = [Path(f).relative_to(run_dir).as_posix() for f in folders]
-    return io.write_json(run_dir / CURRENT_RESULTS, {"schema": CURRENT_SCHEMA, "results": names})
+    return io.write_json(run_dir / CURRENT_RESULTS, {"schema": CURRENT_SCHEMA, "results": names,
+                                                     "config_sha256": _config_hash(run_dir)})
+
+
+def _config_hash(run_dir: Path) -> str | None:
+    config = run_dir / "config.json"
+    return hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
 
 
 def _all_results(run_dir: Path) -> list[str]:
@@ -76,6 +84,11 @@ def current_results(run_dir: str | Path) -> list[str]:
     recorded = io.read_json(manifest)
     if not isinstance(recorded, dict) or recorded.get("schema") != CURRENT_SCHEMA:
         raise ValueError(f"{manifest} is not a {CURRENT_SCHEMA} file; rerun `loracombench run` to rewrite it")
+    # A run writes config.json when it starts and this list when it ends: a run with a changed
+    # config that stopped in between left the earlier config's list beside some of its own cells.
+    if recorded.get("config_sha256") not in (None, _config_hash(run_dir)):
+        raise ValueError(f"{manifest} lists the results of another config than {run_dir}/config.json: a run with a "
+                         f"changed config stopped before it finished; rerun it to finish (its finished cells are kept)")
     return list(recorded["results"])
 
 
