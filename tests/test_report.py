@@ -209,6 +209,37 @@ def test_retention_is_a_dash_when_the_expert_does_not_move_the_score(tmp_path):
     assert row["value"] == row["ci_low"] == ""
 
 
+def test_an_interval_over_part_of_the_resamples_is_marked_and_its_share_given(tmp_path):
+    """The expert moves AG News on one example only (6), so in the resamples that leave it out
+    retention is undefined; the interval is over the others, and the table and CSV say so."""
+    run = tmp_path / "run"
+    write_model(run, "base", "base", None, {"ag_news": ag_news_result(span(6))})
+    write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(7))})
+    write_model(run, "merge: average", "merge", 0, {"ag_news": ag_news_result(span(6) | {10})})
+    build_report(run)
+    retention = section((run / "results.md").read_text(), "Retention")
+    assert md_row(retention, "merge: average")[0].endswith("]‡") and "‡: in some resamples" in retention
+    [row] = [r for r in read_csv(run) if r["statistic"] == "retention"]
+    kept = int(row["interval"].split(" over ")[1].split(" of ")[0])
+    assert 0 < kept < 2000 and row["interval"].endswith("of 2000 resamples (the rest undefined)")
+
+
+def test_a_diverged_models_nan_nll_is_shown_and_never_tested(tmp_path):
+    """A NaN per-example NLL once gave a permutation p of 1/10001 (NaN never counts as extreme), a
+    ✓ in the CSV, and then a crash writing the table."""
+    run = tmp_path / "run"
+    write_model(run, "base", "base", None, {"gsm8k": gsm8k_result(0.0, set())})
+    write_model(run, "gsm8k expert", "expert", 0, {"gsm8k": gsm8k_result(0.5, set())})
+    scores, rows = gsm8k_result(0.2, set())
+    rows[0]["gold_nll"] = float("nan")
+    write_model(run, "merge: ties", "merge", 0, {"gsm8k": ({**scores, "gold_nll": metrics.bootstrap_mean(
+        [r["gold_nll"] for r in rows])}, rows)})
+    build_report(run)
+    tested = [r for r in read_csv(run) if r["statistic"] == "difference" and r["metric"] == "gold_nll"]
+    assert tested and all(r["p"] == r["p_holm"] == r["value"] == "" and r["survives_holm"] == "False" for r in tested)
+    assert "| merge: ties | gsm8k expert | 10 | – | – | – |  |" in (run / "results.md").read_text()
+
+
 class ToyTask(Task):
     """A third task the report has never heard of: it shows what the task declares."""
 

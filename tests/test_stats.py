@@ -93,6 +93,13 @@ def test_bootstrap_is_seeded():
     assert once["ci_low"] != stats.compare_paired("mean", values, values[::-1], seed=8)["ci_low"]
 
 
+def test_non_finite_outputs_have_no_permutation_p_and_no_tested_difference():
+    first, second = np.linspace(0, 1, 20), np.r_[np.linspace(0, 1, 19), np.nan]
+    assert np.isnan(stats.permutation_p_value(lambda v: v.mean(-1), first, second))
+    compared = stats.compare_paired("mean", first, second)
+    assert compared["value"] is None and compared["p"] is None
+
+
 def test_permutation_test_enumerates_swaps_exactly_on_small_samples():
     # Five examples, the first model better by 1 on each: of the 2^5 swap patterns only "none"
     # and "all" reach |mean difference| = 1, so p = 2/32.

@@ -27,10 +27,13 @@ results.csv is long format, one number per row, with the columns CSV_COLUMNS:
   task, split, metric
   comparator      difference: the other model's label; retention: the task's expert; else empty
   value, ci_low, ci_high, n, interval   the number, its 95% interval, examples, interval method
+                  (a bootstrap interval over part of the resamples, where the value is undefined
+                  in the others, says over how many; the tables mark it ‡)
   std, n_seeds    for means over seeds (sample standard deviation)
   test, p, p_holm, survives_holm        for differences
   relative_error  a compressed merge's relative error of its stored update, else empty
-A number that is undefined (retention when the expert does not move the score) is empty.
+A number that is undefined (retention when the expert does not move the score, a difference
+with a model whose per-example values are not all finite) is empty, and so is its test.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ KIND_ORDER = {"base": 0, "expert": 1, "merge": 2, "baseline": 3}
 NOT_COMPOSED = ("base", "expert", "baseline")
 AVERAGE_LABEL = metrics.model_label("average", "merge")
 ALPHA = 0.05
+PARTIAL_INTERVAL = "‡"  # an interval over the resamples where its value is defined
 CSV_COLUMNS = ["statistic", "model", "kind", "seed", "task", "split", "metric", "comparator", "value",
                "ci_low", "ci_high", "n", "interval", "std", "n_seeds", "test", "p", "p_holm", "survives_holm",
                "relative_error"]
@@ -195,10 +199,13 @@ def _cell(value: dict | None, digits: int = 3) -> str:
         return "–"
     if value.get("ci_low") is None:
         return f"{value['value']:.{digits}f}"
-    return f"{value['value']:.{digits}f} [{value['ci_low']:.{digits}f}, {value['ci_high']:.{digits}f}]"
+    partial = PARTIAL_INTERVAL if value.get("undefined_resamples") else ""
+    return f"{value['value']:.{digits}f} [{value['ci_low']:.{digits}f}, {value['ci_high']:.{digits}f}]{partial}"
 
 
 def _signed_cell(value: dict, digits: int = 3) -> str:
+    if value.get("value") is None:
+        return "–"
     return f"{value['value']:+.{digits}f} [{value['ci_low']:+.{digits}f}, {value['ci_high']:+.{digits}f}]"
 
 
@@ -416,7 +423,7 @@ def paired_comparisons(records: list[dict], predictions: dict, compare_with: tup
     for family in families.values():
         for row, adjusted in zip(family, stats.holm([row["p"] for row in family])):
             row["p_holm"] = adjusted
-            row["survives_holm"] = adjusted < ALPHA
+            row["survives_holm"] = adjusted is not None and adjusted < ALPHA
     return results
 
 
@@ -491,6 +498,9 @@ def retention_table(retention: list[dict], records: list[dict]) -> str:
              "for NLL the gains are base − model and base − expert. 1: the expert's whole gain, 0: none.",
              "Brackets: paired-bootstrap 95% intervals (examples resampled jointly for model, base and expert); "
              "– where the expert does not move the score off the base."]
+    if any(r.get("undefined_resamples") for r in retention):
+        notes.append(f"{PARTIAL_INTERVAL}: in some resamples the expert does not move the score, so retention is "
+                     "undefined there; the interval is over the others (how many: results.csv's interval column).")
     return "\n".join(_markdown(header, rows)) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
 
 

@@ -97,8 +97,12 @@ def paired_bootstrap(scores: Sequence[WeightedScore], combine, n: int, *, seed: 
         return {"value": None, "ci_low": None, "ci_high": None, "n": n, "interval": "paired bootstrap95",
                 "undefined_resamples": int(draws.size - defined.size)}
     low, high = np.percentile(defined, [2.5, 97.5])
+    undefined = int(draws.size - defined.size)
+    # The interval then describes only the resamples where the value exists: say so where it is read.
+    interval = "paired bootstrap95" + (f" over {defined.size} of {draws.size} resamples (the rest undefined)"
+                                       if undefined else "")
     return {"value": value, "ci_low": float(low), "ci_high": float(high), "n": n,
-            "interval": "paired bootstrap95", "undefined_resamples": int(draws.size - defined.size)}
+            "interval": interval, "undefined_resamples": undefined}
 
 
 def bootstrap_difference(first: WeightedScore, second: WeightedScore, n: int, *, seed: int = 0,
@@ -165,6 +169,8 @@ def permutation_p_value(statistic, first, second, *, seed: int = 0, resamples: i
     first, second = np.asarray(first), np.asarray(second)
     if first.shape != second.shape or first.ndim != 1:
         raise ValueError(f"paired outputs need equal 1-d shapes, got {first.shape} and {second.shape}")
+    if not (np.all(np.isfinite(first)) and np.all(np.isfinite(second))):
+        return float("nan")  # NaN compares as never extreme, which would read as p = 1/(resamples+1)
     if np.array_equal(first, second):
         return 1.0  # every swap gives the observed statistic
     observed = abs(float(statistic(first) - statistic(second)))
@@ -232,7 +238,8 @@ def compare_paired(kind: str, first, second, *, gold=None, n_classes: int | None
         raise ValueError(f"paired outputs need equal, non-zero lengths, got {len(first)} and {len(second)}")
     extra = {"gold": np.asarray(gold), "n_classes": n_classes} if kind == "macro_f1" else {}
     difference, test, p = PAIRED_COMPARISONS[kind](np.asarray(first), np.asarray(second), seed, **extra)
-    return {**difference, "test": test, "p": p}
+    # An undefined difference (a diverged model's NaN or infinite NLL) has nothing to test.
+    return {**difference, "test": test, "p": p if difference["value"] is not None else None}
 
 
 def score_of(kind: str, outputs, *, gold=None, n_classes: int | None = None) -> WeightedScore:
