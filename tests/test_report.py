@@ -38,13 +38,14 @@ def gsm8k_result(nll_gain: float, correct: set[int]) -> tuple[dict, list[dict]]:
             "exact_match_strict": metrics.proportion(sum(r["correct_strict"] for r in generated), N_GENERATED)}, rows
 
 
-def write_model(run, label: str, kind: str, seed, results: dict, relative_error: float | None = None) -> None:
+def write_model(run, label: str, kind: str, seed, results: dict, relative_error: float | None = None,
+                sample_seed: int = 1234) -> None:
     slug = label.replace(": ", "_").replace(" ", "_") + ("" if seed is None else f"_s{seed}")
     model = {"label": label, "kind": kind, "slug": slug, "seed": seed}
     if relative_error is not None:
         model["relative_error"] = relative_error
     for task, (scores, rows) in results.items():
-        record = metrics.result_record(task=task, split="test", n=len(rows), seed=1234, model=model, metrics=scores,
+        record = metrics.result_record(task=task, split="test", n=len(rows), seed=sample_seed, model=model, metrics=scores,
                                        primary_metric=TASKS[task].primary_metric, chance=TASKS[task].chance)
         metrics.write_result(run / "eval" / slug / task, record, rows)
 
@@ -305,6 +306,16 @@ def test_pairs_of_different_examples_are_refused(tmp_path):
     rows[3]["gold"] = (rows[3]["gold"] + 1) % 4
     write_model(run, "merge: average", "merge", 0, {"ag_news": (scores, rows)})
     with pytest.raises(ValueError, match="example 3 has different gold answers"):
+        build_report(run)
+
+
+def test_samples_drawn_with_another_seed_are_not_paired_even_when_their_golds_agree(tmp_path):
+    """Index i is the i-th row of a seeded sample: the same golds (as here) do not make the same examples."""
+    run = tmp_path / "run"
+    write_model(run, "base", "base", None, {"ag_news": ag_news_result(span(6))})
+    write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))})
+    write_model(run, "merge: average", "merge", 0, {"ag_news": ag_news_result(span(7))}, sample_seed=19)
+    with pytest.raises(ValueError, match=r"test/24 \(sample seed 19\) and test/24 \(sample seed 1234\)"):
         build_report(run)
 
 

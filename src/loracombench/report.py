@@ -379,10 +379,14 @@ def _key(record: dict) -> tuple:
 
 
 def _same_examples(first: dict, second: dict) -> None:
-    if (first["split"], first["n"]) != (second["split"], second["n"]):
+    """Predictions are paired by their index in the sample, and the sample is drawn by (split, n,
+    seed): all three must agree, or index i names two different examples."""
+    def sample(record: dict) -> str:
+        return f"{record['split']}/{record['n']} (sample seed {record.get('seed')})"
+
+    if sample(first) != sample(second):
         raise ValueError(f"cannot pair {first['model']['label']!r} and {second['model']['label']!r} on "
-                         f"{first['task']}: evaluated on {first['split']}/{first['n']} and "
-                         f"{second['split']}/{second['n']} examples")
+                         f"{first['task']}: evaluated on {sample(first)} and {sample(second)} examples")
 
 
 # ---------------------------------------------------------------- paired comparisons
