@@ -19,6 +19,8 @@ SCHEMA = "loracombench.cell/1"
 # Libraries whose versions can change a model cell's numbers (kernels, tokenisation, LoRA maths).
 MODEL_LIBRARIES = ("torch", "transformers", "peft")
 BASELINE_LIBRARIES = ("scikit-learn", "numpy")
+# Merges also solve eigenproblems in scipy (merging/ops.py); a composition adds its own (Composition.libraries).
+COMPOSITION_LIBRARIES = (*MODEL_LIBRARIES, "scipy", "numpy")
 NOT_COMPUTED = "not computed yet"
 KEY_CHANGED = "its inputs or settings changed"
 # Why a cell is recomputed in the ordinary course; any other reason means its files were damaged.

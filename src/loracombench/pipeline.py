@@ -87,9 +87,17 @@ class Cell:
         on it, while one rebuilt to the same weights (a deterministic rerun, whose logs and
         timings differ) invalidates nothing."""
         files = io.read_json(self.folder / cache.MANIFEST)["files"]
-        deciding = {name: digest for name, digest in files.items()
+        deciding = {name: self._adapter_config_digest(name) if Path(name).name == adapters.CONFIG_FILE else digest
+                    for name, digest in files.items()
                     if name.endswith(".safetensors") or Path(name).name in (adapters.CONFIG_FILE, *artefacts)}
         return stable_hash({"cell": self.key, "files": deciding})
+
+    def _adapter_config_digest(self, name: str) -> str:
+        """An adapter config's content but for where the base model was on the machine that made it
+        (an absolute cache path): the cell's key holds the base's fingerprint already."""
+        config = io.read_json(self.folder / name)
+        config.pop("base_model_name_or_path", None)
+        return stable_hash(config)
 
 
 # The process's loaded base models, by (model, device, trust_remote_code): one load per process.
@@ -186,6 +194,12 @@ class Experiment:
         return self._cached_rows(("validation", task, n), lambda: validation_sample(
             task, n, self.config.eval.seed, self.data_dir, self.train_rows(task), what))
 
+    @staticmethod
+    def rows_key(rows: list[dict]) -> str:
+        """The rows a cell reads, by content: an edited mirror recomputes what read it, and the same
+        rows at another path or from the hub reuse it (the path of the data is in no key)."""
+        return stable_hash(rows)
+
     def _cached_rows(self, key: tuple, load: Callable[[], list[dict]]) -> list[dict]:
         if key not in self._rows:
             self._rows[key] = load()
@@ -215,8 +229,7 @@ class Experiment:
         # Resolved here, where the key is made, and passed to the worker as is: "auto" on a worker
         # with a GPU would train in bf16 under a key that a CPU-only driver made for fp32.
         precision = self.precision
-        key = cell_key({"base": fingerprint, "task": task, "n": self.config.n_train[task],
-                        "data_seed": self.config.data_seed, "data": self.data_source,
+        key = cell_key({"base": fingerprint, "task": task, "rows": self.rows_key(self.train_rows(task)),
                         "train": settings.result_settings(), "precision": precision,
                         "target_loss": training.TARGET_LOSS_VERSION}, task)
         folder = self.out / "adapters" / f"seed{seed}" / task
@@ -242,15 +255,15 @@ class Experiment:
         precision = self.precision  # as in train_cell: the key's precision is the one the worker runs
         uses = {"composition": composition.key(), "sources": [e.key for e in experts.values()]}
         if needs.validation_per_task:
-            uses["validation"] = {"n": needs.validation_per_task, "data": self.data_source,
-                                  "seed": self.config.eval.seed}
+            uses["validation"] = {t: self.rows_key(self.validation_rows(t, needs.validation_per_task))
+                                  for t in self.config.tasks}
         if needs.router_training or needs.training_data or needs.gradients:
-            uses["train_data"] = {"n": self.config.n_train, "seed": self.config.data_seed, "data": self.data_source}
+            uses["train_data"] = {t: self.rows_key(self.train_rows(t)) for t in self.config.tasks}
         if needs.base_forward or needs.gradients:
             uses["base"] = fingerprint
             uses["precision"] = precision
         static = isinstance(composition, StaticMerge)
-        key = cell_key({**uses, "seed": seed})
+        key = cell_key({**uses, "seed": seed}, libraries=cache.COMPOSITION_LIBRARIES + composition.libraries)
         folder = self.out / ("merges" if static else "compositions") / f"seed{seed}" / name
         scratch = folder.parent / f"{folder.name}.scratch"
 
@@ -345,7 +358,7 @@ class Experiment:
 
     def eval_cell(self, entry: ModelEntry, task: str, fingerprint: dict) -> Cell:
         eval_config = self.eval_config(task)
-        key = cell_key({"model": entry.key, "base": fingerprint, "task": task, "data": self.data_source,
+        key = cell_key({"model": entry.key, "base": fingerprint, "task": task, "rows": self.rows_key(self.eval_rows(task)),
                         "eval": eval_config.__dict__, "scoring": SCORING}, task)
         folder = self.out / "eval" / entry.slug / task
         self.current_results.append(folder)
@@ -366,9 +379,12 @@ class Experiment:
         for task in self.config.tasks:
             eval_config = self.eval_config(task)
             for name in baseline_names(task):
-                key = cell_key({"baselines": task, "baseline": name, "data": self.data_source,
-                                "n_train": self.config.n_train[task], "data_seed": self.config.data_seed,
-                                "eval": eval_config.__dict__}, task, cache.BASELINE_LIBRARIES)
+                # The classical models read the rows, the seed and nothing of the model's eval settings.
+                key = cell_key({"baselines": task, "baseline": name, "seed": self.config.data_seed,
+                                "train_rows": self.rows_key(self.train_rows(task)),
+                                "eval_rows": self.rows_key(self.eval_rows(task)),
+                                "split": eval_config.split, "sample_seed": eval_config.seed},
+                               task, cache.BASELINE_LIBRARIES)
                 folder = self.out / "eval" / f"baseline_{name}" / task
                 self.current_results.append(folder)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import io
-from .config import ExperimentConfig, stable_hash
+from .config import ExperimentConfig
 from .evaluation import EvalConfig, evaluate, evaluate_composed
 from .metrics import read_result
 from .pipeline import SCORING, Cell, Experiment, cell_key, log
@@ -29,8 +29,8 @@ def validation_rows(experiment: Experiment, task: str, n: int | None) -> list[di
 def score_cell(experiment: Experiment, entry, task, rows: list[dict], folder: Path) -> dict:
     """The validation record of one trained expert (a cached cell keyed by the expert and the rows)."""
     config = EvalConfig(n_eval=len(rows), n_generate=0, batch_size=experiment.config.eval.batch_size,
-                        seed=experiment.config.eval.seed, split="validation")
-    key = cell_key({"model": entry.key, "rows": stable_hash(rows), "eval": config.__dict__, "scoring": SCORING},
+                        seed=experiment.config.eval.seed, split="validation", dtype=experiment.precision)
+    key = cell_key({"model": entry.key, "rows": experiment.rows_key(rows), "eval": config.__dict__, "scoring": SCORING},
                    task.name)
     Cell(f"validation {entry.slug}", folder, key, lambda: evaluate_composed(
         entry.load(), experiment.shared, task, rows, config, {**entry.info(), "cell_key": key}, out_dir=folder,

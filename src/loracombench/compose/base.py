@@ -142,6 +142,9 @@ class Composition(ABC):
     # True for a composition that trains or searches on training.batch_loss_sum: its cache key then
     # carries training.TARGET_LOSS_VERSION, so a fix to that loss rebuilds it.
     uses_target_loss: ClassVar[bool] = False
+    # Libraries besides cache.COMPOSITION_LIBRARIES whose version can change what build() makes:
+    # their versions join the cache key.
+    libraries: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -92,6 +92,7 @@ class TfidfRouter:
 class ClassifierRouting(Composition):
     name = "route_classifier"
     artefacts = (ROUTER_FILE, EXPERTS_FILE)
+    libraries = ("scikit-learn",)
     paper = ("sequence-level routing to task experts as in LoraRetriever (Zhao et al., 2024, arXiv:2402.09997), "
              "with a TF-IDF + logistic regression router in place of its embedding retriever")
 

@@ -204,6 +204,7 @@ def load_factors(peft_model, factors: dict[str, LoraFactors]) -> None:
 class LoraHub(Composition):
     uses_target_loss = True
     name = "lorahub"
+    libraries = ("nevergrad",)
     paper = "Huang et al. 2023, 'LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition', " \
             "arXiv:2307.13269"
     DEFAULTS = {"variant": "faithful", "seed": 0, "budget": 40, "n_validation": 5, "bounds": [-1.5, 1.5],

@@ -20,8 +20,10 @@ class StaticMerge(Composition):
     def __init__(self, method: str, weights: list[float] | None = None, params: dict | None = None):
         from ..merging import get_method, parse_params
 
-        parse_params(get_method(method), params or {})  # an unknown method or parameter fails here
-        self.params = {"method": method, "weights": weights, "params": dict(params or {})}
+        # An unknown method or parameter fails here. Typed, with defaults filled in, so that lam: 1
+        # and lam: 1.0, or a default given and left out, make one cache key.
+        typed = parse_params(get_method(method), params or {})
+        self.params = {"method": method, "weights": weights, "params": typed}
 
     def build(self, inputs: BuildInputs, out_dir: Path) -> dict:
         metadata = adapters.merge_adapter_dirs(list(inputs.experts.values()), self.params["method"],

@@ -154,10 +154,15 @@ class Task(ABC):
 
     def fingerprint(self) -> dict:
         """What fixes this task's prompts, targets and scoring, for cache keys: its version and a
-        hash of its module's source and of the methods the class carries now. Any edit there,
-        comments included, invalidates the cached cells of this task and only this task."""
+        hash of the source of its module and of every module its class inherits from besides this
+        one (GSM8K's baselines answer through gsm8k_analysis.py), and of the methods the class
+        carries now. Any edit there, comments included, invalidates the cached cells of this task
+        and only this task."""
         cls = type(self)
-        digest = hashlib.sha256(_source(sys.modules[cls.__module__]).encode())
+        own = [k.__module__ for k in cls.__mro__ if k.__module__ not in (__name__, "builtins", "abc")]
+        digest = hashlib.sha256()
+        for module in dict.fromkeys(own):
+            digest.update(_source(sys.modules[module]).encode())
         for name in _BEHAVIOUR:
             if hasattr(cls, name):
                 digest.update(_source(getattr(cls, name)).encode())
