@@ -188,6 +188,19 @@ def test_score_table_shows_seed_rows_mean_std_and_stored_error(two_seed_run):
     assert (run / "results.png").stat().st_size > 5000
 
 
+def test_the_plot_labels_a_compressed_merge_with_its_error(two_seed_run, monkeypatch):
+    import matplotlib.figure
+
+    from loracombench import report
+
+    labels = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: labels.extend(
+        t.get_text() for t in fig.axes[0].get_yticklabels()))
+    report.plot(report.collect(two_seed_run), two_seed_run / "again.png")
+    assert "merge: ties (seed 0) (ΔW error 0.12)" in labels and "merge: ties (seed 1) (ΔW error 0.10)" in labels
+    assert "merge: average (seed 0)" in labels
+
+
 def test_single_seed_report_names_no_seeds(tmp_path):
     run = tmp_path / "run"
     write_run(run, seeds=(0,))

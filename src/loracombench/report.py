@@ -192,6 +192,11 @@ def relative_error(record: dict) -> float | None:
     return record["model"].get("relative_error")
 
 
+def stored_errors(records: list[dict]) -> dict[tuple, float]:
+    """(label, seed) -> the relative error of a compressed merge's stored update."""
+    return {(r["model"]["label"], seed_of(r)): relative_error(r) for r in records if relative_error(r) is not None}
+
+
 # ---------------------------------------------------------------- formatting
 
 def _cell(value: dict | None, digits: int = 3) -> str:
@@ -267,7 +272,7 @@ def markdown_table(records: list[dict]) -> str:
     shown = columns(records)
     values = {(r["model"]["label"], seed_of(r), r["task"], name): value
               for r in records for name, value in r["metrics"].items()}
-    errors = {(r["model"]["label"], seed_of(r)): relative_error(r) for r in records if relative_error(r) is not None}
+    errors = stored_errors(records)
     cells = {}
     for record in records:
         key = (record["model"]["label"], seed_of(record))
@@ -571,7 +576,10 @@ def plot(records: list[dict], path: Path) -> None:
               if metric.name in (task.primary_metric, task.retention_metric)]
     seeds = seeds_by_label(records)
     rows = [(label, seed) for label in model_order(records) for seed in seeds[label]]
-    names = [row_name(label, seed, seeds) for label, seed in rows]
+    errors = stored_errors(records)
+    # A compressed merge is an approximation of its method: its label carries its error, as in the table.
+    names = [row_name(label, seed, seeds) + (f" (ΔW error {errors[(label, seed)]:.2f})" if (label, seed) in errors
+                                             else "") for label, seed in rows]
     index = {(r["model"]["label"], seed_of(r), r["task"]): r for r in records}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.38 * len(rows) + 2.2), squeeze=False)
     colours = {"base": "#7f7f7f", "expert": "#1f77b4", "merge": "#d62728", "baseline": "#bcbd22"}
