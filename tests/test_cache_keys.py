@@ -135,3 +135,16 @@ def test_the_learning_rate_sweep_scores_in_the_configs_precision_and_keys_it(tmp
     entry = ModelEntry("expert", "expert", "expert", "expert-key", lambda: OneModel(None), 0)
     sweep.score_cell(experiment, entry, get_task("ag_news"), experiment.train_rows("ag_news"), tmp_path / "cell")
     assert captured["eval"]["dtype"] == experiment.precision == "fp32"
+
+
+def test_the_base_fingerprint_holds_the_tokenizer_so_a_changed_one_makes_other_keys():
+    from loracombench.models import load_model, load_tokenizer, tokenizer_hash
+
+    loaded = load_model("tiny-llama")
+    assert loaded.fingerprint["tokenizer"] == tokenizer_hash(loaded.tokenizer)
+    tokenizer = load_tokenizer("smollm2-135m")  # a fresh object: the tiny models' is shared
+    before = tokenizer_hash(tokenizer)
+    tokenizer.add_tokens(["<a-new-token>"])
+    after = tokenizer_hash(tokenizer)
+    tokenizer.pad_token = "<a-new-token>"
+    assert len({before, after, tokenizer_hash(tokenizer)}) == 3

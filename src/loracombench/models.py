@@ -145,6 +145,17 @@ def cached_fingerprint(name: str, model: torch.nn.Module) -> dict:
     return computed
 
 
+def tokenizer_hash(tokenizer) -> str:
+    """What decides how the tokenizer encodes text and which ids pad and end a sequence: for a fast
+    tokenizer its whole tokenizer.json (normalizer, pre-tokenizer, vocabulary, merges, added
+    tokens), else its vocabulary; and its special tokens. A different tokenizer beside the same
+    weights scores other token sequences, so it must make other cache keys."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    encoding = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps({name: getattr(tokenizer, f"{name}_token_id", None) for name in ("pad", "eos", "bos", "unk")})
+    return hashlib.sha256((type(tokenizer).__name__ + encoding + specials).encode()).hexdigest()[:16]
+
+
 def same_base(a: dict, b: dict) -> bool:
     return a["config_hash"] == b["config_hash"] and a["weight_checksum"] == b["weight_checksum"]
 
@@ -309,6 +320,9 @@ def load_model(name: str = DEFAULT_MODEL, trust_remote_code: bool = False) -> Lo
     loader = spec.load if spec else _load_pretrained
     model, tokenizer, print_, path = loader(name, trust_remote_code=trust_remote_code)
     model.eval()
+    # Hashed at every load, not cached with the weights' hash: it is cheap, and a tokenizer file
+    # can change beside unchanged weights.
+    print_ = {**print_, "tokenizer": tokenizer_hash(tokenizer)}
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, fingerprint=print_, path=path)
 
 
