@@ -149,7 +149,7 @@ def test_holm_hand_computed():
 def test_retention_is_the_share_of_the_experts_gain_in_either_direction():
     base = np.linspace(2.0, 3.0, 20)  # NLL: lower is better
     expert, model = base - 1.0, base - 0.5
-    result = stats.retention(*(stats.mean_score(v) for v in (model, base, expert)), 20)
+    result = stats.retention(*(stats.mean_score(v) for v in (model, base, expert)), 20, higher_is_better=False)
     # Every resample keeps the ratio of the two gains, so the interval collapses onto it.
     assert (result["value"], result["ci_low"], result["ci_high"]) == pytest.approx((0.5, 0.5, 0.5))
     accuracy = [stats.mean_score(v) for v in ([1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 0])]
@@ -160,6 +160,15 @@ def test_retention_is_undefined_when_the_expert_equals_the_base():
     same = [1, 0, 1, 0]
     result = stats.retention(stats.mean_score([1, 1, 1, 0]), stats.mean_score(same), stats.mean_score(same), 4)
     assert result["value"] is None and result["ci_low"] is None and result["ci_high"] is None
+
+
+def test_retention_is_undefined_when_the_expert_is_worse_than_the_base():
+    """A model worse than both would otherwise keep "twice the expert's gain"."""
+    base, expert, model = ([1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0])
+    assert stats.retention(*(stats.mean_score(v) for v in (model, base, expert)), 6)["value"] is None
+    nll = [stats.mean_score(np.array(v, dtype=float)) for v in ([3, 3], [1, 1], [2, 2])]  # the NLL expert is worse
+    assert stats.retention(*nll, 2, higher_is_better=False)["value"] is None
+    assert stats.retention(*nll, 2, higher_is_better=True)["value"] == pytest.approx(2.0)  # read the other way
 
 
 def test_retention_leaves_out_resamples_where_it_is_undefined():

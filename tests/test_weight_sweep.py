@@ -16,7 +16,8 @@ from loracombench.compose import BuildInputs, OneModel, get_composition
 from loracombench.config import TrainSettings
 from loracombench.compose.weight_sweep import (DEFAULT_GRIDS, DIRECT, PLOT_FILE, SWEEP_FILE, FoldedWeights, WeightSweepError,
                                                choose, grid_points, grid_rank, merged_factors, pareto_front,
-                                               plot_pareto, reference_role, score_composed, score_model)
+                                               plot_pareto, reference_role, score_composed, score_model,
+                                               tasks_with_retention)
 from loracombench.evaluation import SCORERS, EvalConfig, evaluate_composed
 from loracombench.models import load_model
 from loracombench.tasks import get_task
@@ -93,6 +94,15 @@ def test_a_lower_nll_is_a_higher_retention_and_a_diverged_point_is_never_chosen(
     assert scores == pytest.approx([-0.5, 1.5])
     chosen, scores = choose([{"ag_news": 0.25, "gsm8k": float("nan")}, worse], REFERENCES, TASKS, "mean_retention")
     assert chosen == 1 and scores[0] == -math.inf
+
+
+def test_a_task_whose_expert_is_worse_than_the_base_is_left_out_of_the_objective():
+    """Its "retention" would rank the points that lose most on it as keeping most."""
+    weak = {"base": REFERENCES["base"], "experts": {**REFERENCES["experts"], "gsm8k": {"ag_news": 0.2, "gsm8k": 2.4}}}
+    assert tasks_with_retention(weak, TASKS) == ["ag_news"]
+    assert tasks_with_retention(REFERENCES, TASKS) == TASKS
+    _, scores = choose(POINTS, weak, ["ag_news"], "mean_retention")
+    assert scores == pytest.approx([1.0, 0.5, 0.9, 0.5])
 
 
 def test_grid_rank_counts_the_points_at_least_as_good():

@@ -32,7 +32,7 @@ results.csv is long format, one number per row, with the columns CSV_COLUMNS:
   std, n_seeds    for means over seeds (sample standard deviation)
   test, p, p_holm, survives_holm        for differences
   relative_error  a compressed merge's relative error of its stored update, else empty
-A number that is undefined (retention when the expert does not move the score, a difference
+A number that is undefined (retention when the expert does not improve on the base, a difference
 with a model whose per-example values are not all finite) is empty, and so is its test.
 """
 
@@ -491,7 +491,8 @@ def retention_rows(records: list[dict], predictions: dict) -> list[dict]:
                   for outputs in (model_out, base_out, expert_out)]
         results.append({"label": record["model"]["label"], "kind": record["model"].get("kind", ""),
                         "seed": seed_of(record), "task": task.name, "split": record["split"], "metric": metric,
-                        "comparator": expert["model"]["label"], **stats.retention(*scores, len(model_out))})
+                        "comparator": expert["model"]["label"],
+                        **stats.retention(*scores, len(model_out), higher_is_better=metric.higher_is_better)})
     return results
 
 
@@ -506,9 +507,9 @@ def retention_table(retention: list[dict], records: list[dict]) -> str:
     notes = [f"retention = (model − base) / (expert − base) against the task's own expert{same_seed}; "
              "for NLL the gains are base − model and base − expert. 1: the expert's whole gain, 0: none.",
              "Brackets: paired-bootstrap 95% intervals (examples resampled jointly for model, base and expert); "
-             "– where the expert does not move the score off the base."]
+             "– where the expert does not improve on the base."]
     if any(r.get("undefined_resamples") for r in retention):
-        notes.append(f"{PARTIAL_INTERVAL}: in some resamples the expert does not move the score, so retention is "
+        notes.append(f"{PARTIAL_INTERVAL}: in some resamples the expert does not improve on the base, so retention is "
                      "undefined there; the interval is over the others (how many: results.csv's interval column).")
     return "\n".join(_markdown(header, rows)) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
 

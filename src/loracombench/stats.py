@@ -111,19 +111,22 @@ def bootstrap_difference(first: WeightedScore, second: WeightedScore, n: int, *,
     return paired_bootstrap([first, second], np.subtract, n, seed=seed, resamples=resamples)
 
 
-def _ratio_of_gains(model, base, expert):
-    gain = expert - base
+def _ratio_of_gains(model, base, expert, sign: float):
+    gain = sign * (expert - base)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gain != 0, (model - base) / np.where(gain != 0, gain, 1.0), np.nan)
+        return np.where(gain > 0, sign * (model - base) / np.where(gain > 0, gain, 1.0), np.nan)
 
 
-def retention(model: WeightedScore, base: WeightedScore, expert: WeightedScore, n: int, *, seed: int = 0,
-              resamples: int = RESAMPLES) -> dict:
+def retention(model: WeightedScore, base: WeightedScore, expert: WeightedScore, n: int, *,
+              higher_is_better: bool = True, seed: int = 0, resamples: int = RESAMPLES) -> dict:
     """(model − base) / (expert − base) with a paired-bootstrap 95% interval over the n examples
-    all three answered. For a lower-is-better score (NLL) the gains are base − model and
-    base − expert; their ratio is the same number, so one formula serves both directions.
-    Undefined (value None) when the expert does not move the score off the base."""
-    return paired_bootstrap([model, base, expert], _ratio_of_gains, n, seed=seed, resamples=resamples)
+    all three answered: the share of the expert's gain over the base that the model keeps. For a
+    lower-is-better score (NLL) the gains are base − model and base − expert. Undefined (value
+    None; a resample left out) where the expert gains nothing: it equals the base or is worse,
+    where the ratio would read a model worse than both as keeping more than all of a gain."""
+    sign = 1.0 if higher_is_better else -1.0
+    return paired_bootstrap([model, base, expert], lambda m, b, e: _ratio_of_gains(m, b, e, sign), n,
+                            seed=seed, resamples=resamples)
 
 
 # ---------------------------------------------------------------- tests

@@ -110,23 +110,30 @@ SELECTION_RULES: dict[str, Callable[[list[float]], float]] = {
 }
 
 
-def retention(value: float, base: float, expert: float) -> float | None:
-    """(value − base)/(expert − base), None where the expert does not move the score off the base."""
-    if expert == base:
+def retention(value: float, base: float, expert: float, higher_is_better: bool) -> float | None:
+    """(value − base)/(expert − base), None where the expert does not improve on the base: a
+    negative gain would rank the points that lose most as keeping most (as stats.retention)."""
+    if (expert - base) * (1 if higher_is_better else -1) <= 0:
         return None
     return (value - base) / (expert - base)
+
+
+def task_retention(task: str, value: float, references: dict) -> float | None:
+    """A point's retention on `task` against the sweep's base and that task's expert."""
+    return retention(value, references["base"][task], references["experts"][task][task],
+                     described_metric(get_task(task))["higher_is_better"])
 
 
 def objective(point_metrics: dict[str, float], references: dict, tasks: list[str], rule: str) -> float:
     """The selection rule over the retentions on `tasks`; -inf where it is not a finite number,
     so a diverged point is never chosen."""
-    values = [retention(point_metrics[t], references["base"][t], references["experts"][t][t]) for t in tasks]
+    values = [task_retention(t, point_metrics[t], references) for t in tasks]
     value = SELECTION_RULES[rule](values)
     return value if math.isfinite(value) else -math.inf
 
 
 def tasks_with_retention(references: dict, tasks: list[str]) -> list[str]:
-    return [t for t in tasks if references["experts"][t][t] != references["base"][t]]
+    return [t for t in tasks if task_retention(t, references["experts"][t][t], references) is not None]
 
 
 def choose(points_metrics: list[dict[str, float]], references: dict, tasks: list[str], rule: str) -> tuple[int, list[float]]:
@@ -420,8 +427,8 @@ class WeightSweep(Composition):
                 loaded, folded, points, merge, rows, dict(zip(tasks, experts)), inputs)
         in_objective = tasks_with_retention(references, tasks)
         if not in_objective:
-            raise WeightSweepError(f"weight_sweep: no expert moves its task's validation "
-                                   f"{', '.join(get_task(t).retention_metric for t in tasks)} off the base on "
+            raise WeightSweepError(f"weight_sweep: no expert improves its task's validation "
+                                   f"{', '.join(get_task(t).retention_metric for t in tasks)} on the base on "
                                    f"{', '.join(f'{len(rows[t])} {t}' for t in tasks)} rows, so no point has a "
                                    f"retention to choose by; raise n_validation")
         chosen, scores = choose(point_metrics, references, in_objective, self.params["selection"])
@@ -500,7 +507,7 @@ class WeightSweep(Composition):
             "references": {"base": base, "experts": experts, "sources": sources},
             "chosen": chosen,
             "points": [{"index": i, "weights": p["weights"], "params": p["params"], "metrics": m,
-                        "retention": {t: finite_or_none(retention(m[t], base[t], experts[t][t])) for t in tasks},
+                        "retention": {t: finite_or_none(task_retention(t, m[t], references)) for t in tasks},
                         "objective": finite_or_none(score), "pareto": i in front, "chosen": i == chosen}
                        for i, (p, m, score) in enumerate(zip(points, point_metrics, scores))],
         }
