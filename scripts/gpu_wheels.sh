@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Wheels for scripts/gpu_check.sh on a GPU machine that has PyTorch but cannot download: the
-# libraries whose pinned versions (those in this checkout's .venv) such an image may lack or hold
-# in another version. Pure-Python wheels, plus pydantic-core for CPython $GPU_PYTHON on x86-64.
+# What scripts/gpu_check.sh needs on a GPU machine that has PyTorch but cannot download:
+# - .whl/: the libraries whose pinned versions (those in this checkout's .venv) such an image may
+#   lack or hold in another version. Pure-Python wheels, plus pydantic-core and regex for CPython
+#   $GPU_PYTHON on x86-64;
+# - .gpu-cache/: the SmolLM2 tokenizer the tiny test models use (3 MB). Without it they rebuild it
+#   from the embedded GGUF, whose package (94 MB) and gguf such a machine does not have.
+# Carry both: run(command=..., carry=[".whl", ".gpu-cache"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,3 +24,8 @@ rm -f .whl/*.whl && mkdir -p .whl
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl $pins
 ls .whl
+# .gpu-cache/ is this script's too: only its tokenizer folder is replaced.
+"$PY" -c "from loracombench.models import tiny_tokenizer; tiny_tokenizer()"
+tokenizer=$("$PY" -c "from loracombench.models import cache_dir; print(cache_dir() / 'smollm2-tokenizer')")
+mkdir -p .gpu-cache && rm -rf .gpu-cache/smollm2-tokenizer && cp -r "$tokenizer" .gpu-cache/smollm2-tokenizer
+ls .gpu-cache
