@@ -756,7 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--only", help=f"comma-separated sections to run (default all): {', '.join(SECTIONS)}")
     add("--model", default=DEFAULT_MODEL, help=f"base model (default {DEFAULT_MODEL}; tiny-llama for a quick check)")
-    add("--out-dir", type=Path, default=DEFAULT_OUT, help="where bench.json and bench.md go")
+    add("--out-dir", type=Path, default=None,
+        help=f"where bench.json and bench.md go (default: {DEFAULT_OUT}, or its subfolder named after --model "
+             "for another model, so that a quick check never replaces the committed bench)")
     add("--data-dir", default=None, help="the data mirror (default $LORACOMBENCH_DATA_DIR, else the hub)")
     add("--seed", type=int, default=0, help="the row samples' seed")
     add("--tolerance", type=float, default=1e-3, help="largest log-likelihood difference that still agrees")
@@ -777,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--memory-rows", type=positive_int, default=16,
         help="longest training rows per task, trained with and without gradient checkpointing (memory)")
     bench_merge.add_arguments(parser)
-    add("--run-log", type=Path, help="output of a finished `loracombench run` (its last line gives stage times)")
+    add("--run-log", type=Path, help="output of a finished `loracombench run` (its `stages:` line gives stage times)")
     add("--cached-run-log", type=Path, help="output of the same run repeated with everything cached")
     return parser
 
@@ -785,6 +787,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = DEFAULT_OUT if args.model == DEFAULT_MODEL else DEFAULT_OUT / Path(args.model).name
     try:
         names = select_sections(args.only)
         for log in (args.run_log, args.cached_run_log):  # a bad log fails now, not after the other sections

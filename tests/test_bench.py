@@ -119,6 +119,18 @@ def test_scoring_reports_its_share_of_the_matmul_peak(result):
     assert measured["batch_size"] == 4
 
 
+def test_a_quick_check_on_another_model_never_replaces_the_committed_bench(monkeypatch, tmp_path):
+    written = []
+    monkeypatch.setattr(bench, "DEFAULT_OUT", tmp_path / "results")
+    monkeypatch.setattr(bench, "select_sections", lambda only: [])  # no section: only where it writes
+    real_setup = bench.setup
+    monkeypatch.setattr(bench, "setup", lambda args: written.append(args.out_dir) or real_setup(args))
+    bench.main(["--model", "tiny-llama"])
+    bench.main([])
+    bench.main(["--model", "tiny-llama", "--out-dir", str(tmp_path / "chosen")])
+    assert written == [tmp_path / "results" / "tiny-llama", tmp_path / "results", tmp_path / "chosen"]
+
+
 def test_scoring_batches_as_the_default_run_unless_told():
     args = bench.build_parser().parse_args([])
     assert bench.Context(args).score_batch_size == 8 == bench.EvalSettings().batch_size
