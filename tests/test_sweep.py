@@ -65,6 +65,18 @@ def test_verbalizer_comparison_scores_each_label_set(tmp_path, small_mirror):
     assert "Technology" in (tmp_path / "v" / "verbalizers.md").read_text()
 
 
+def test_verbalizers_score_in_the_configs_precision(tmp_path, small_mirror, monkeypatch):
+    from loracombench import sweep
+
+    dtypes = []
+    real = sweep.evaluate
+    monkeypatch.setattr(sweep, "evaluate", lambda *args, **kwargs: dtypes.append(args[4].dtype) or real(*args, **kwargs))
+    config = ExperimentConfig(**CONFIG, data_dir=str(small_mirror), dtype="fp32")
+    sweep.compare_verbalizers(config, "ag_news", [("World", "Sports", "Business", "Sci/Tech")], None, tmp_path / "v",
+                              progress=False)
+    assert dtypes == ["fp32"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--learning-rates", "0"], "--learning-rates must be positive"),
     (["--learning-rates", "1e-3", "--tasks", "mnli"], "--tasks mnli: not a task of the config"),

@@ -100,7 +100,7 @@ def compare_verbalizers(config: ExperimentConfig, task_name: str, candidates: li
     rows = validation_rows(experiment, task_name, n_validation)
     loaded = experiment.shared.loaded
     eval_config = EvalConfig(n_eval=len(rows), batch_size=config.eval.batch_size, seed=config.eval.seed,
-                             split="validation")
+                             split="validation", dtype=experiment.precision)
     results = []
     for labels in candidates:
         task = type(get_task(task_name))(labels=tuple(labels))
