@@ -128,13 +128,14 @@ def test_the_learning_rate_sweep_scores_in_the_configs_precision_and_keys_it(tmp
 
     mirror = make_small_mirror(tmp_path / "mirror")
     experiment = Experiment(ExperimentConfig(**CONFIG, data_dir=str(mirror), dtype="fp32"), tmp_path / "run")
-    captured = {}
+    captured, scored = {}, []
     monkeypatch.setattr(sweep, "cell_key", lambda parts, task: captured.update(parts) or "key")
-    monkeypatch.setattr(sweep.Cell, "ensure", lambda self: False)
+    monkeypatch.setattr(sweep.Cell, "ensure", lambda self: self.compute())  # computed, not looked up
+    monkeypatch.setattr(sweep, "evaluate_composed", lambda *args, **kwargs: scored.append(args[4].dtype))
     monkeypatch.setattr(sweep, "read_result", lambda folder: {})
     entry = ModelEntry("expert", "expert", "expert", "expert-key", lambda: OneModel(None), 0)
     sweep.score_cell(experiment, entry, get_task("ag_news"), experiment.train_rows("ag_news"), tmp_path / "cell")
-    assert captured["eval"]["dtype"] == experiment.precision == "fp32"
+    assert scored == [captured["eval"]["dtype"]] == [experiment.precision] == ["fp32"]
 
 
 def test_the_base_fingerprint_holds_the_tokenizer_so_a_changed_one_makes_other_keys():

@@ -109,10 +109,23 @@ def test_bad_input_is_rejected():
         diagnose({"m": [factors(), factors(in_features=7)]})
 
 
-def test_plot_writes_a_png_atomically(tmp_path):
+def test_plot_writes_a_png_atomically(tmp_path, monkeypatch):
+    import matplotlib.figure
+
     result = diagnose({f"layers.{i}.q_proj": [factors(seed=i), factors(seed=i + 10)] for i in range(4)})
     target = tmp_path / "diagnostics.png"
     target.write_bytes(b"old")
     plot_diagnostics(result, target)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["diagnostics.png"]
+    # A save that dies halfway leaves the earlier plot whole and no temporary behind.
+    target.write_bytes(b"old")
+
+    def dies_halfway(figure, file, **kwargs):
+        open(file, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        plot_diagnostics(result, target)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["diagnostics.png"]

@@ -96,11 +96,15 @@ def test_fp16_loss_scaling_gives_exactly_the_unscaled_update(fresh_tiny):
     the update, which is then exactly the update without scaling (AdamW's eps would show a
     scaled gradient). GradScaler runs on CPU too, so the law is checked here in fp32."""
     config = TrainSettings(r=4, lora_dropout=0.0)
-    updated = []
+    updated, gradients = [], {}
     for scaling in (False, True):
         loaded = fresh_tiny()
         model = training.init_lora(loaded.model, config, "ag_news")
         lora = [p for p in model.parameters() if p.requires_grad]
+        # lora_B's gradient as backward leaves it, before any unscaling (lora_A's is 0: B starts at 0).
+        first_b = next(p for name, p in model.named_parameters() if "lora_B" in name)
+        first_b.register_hook(lambda grad, scaling=scaling: gradients.setdefault(scaling, grad.abs().max().item())
+                              and None)
         optimizer = torch.optim.AdamW(lora, lr=5e-3)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=scaling)
@@ -112,6 +116,8 @@ def test_fp16_loss_scaling_gives_exactly_the_unscaled_update(fresh_tiny):
         assert scaler.is_enabled() is scaling and (not scaling or scaler.get_scale() == 2.0 ** 16)
         updated.append([p.detach().clone() for p in lora])
     assert all(torch.equal(plain, scaled) for plain, scaled in zip(*updated))
+    # The loss really was scaled: without it both runs would agree trivially.
+    assert gradients[True] == pytest.approx(2.0 ** 16 * gradients[False], rel=1e-4) and gradients[False] > 0
 
 
 def test_cells_run_in_the_precision_their_key_was_made_for(tmp_path, small_mirror, monkeypatch):
@@ -135,6 +141,8 @@ def test_cells_run_in_the_precision_their_key_was_made_for(tmp_path, small_mirro
 def test_auto_on_a_gpu_without_bf16_arithmetic_is_fp32(monkeypatch, native_bf16, expected):
     """Before Ampere a GPU has no bf16 arithmetic, and autocast would emulate it, slowly."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    # As a real pre-Ampere GPU answers: bf16 "supported" when emulation counts, not natively.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
     assert resolve_dtype("auto", CUDA) == expected
     assert resolve_dtype("bf16", CUDA) == torch.bfloat16  # asked for by name, it is what it says

@@ -37,6 +37,12 @@ def test_two_worker_processes_give_the_serial_run_s_results(tmp_path, small_mirr
     serial, workers = results(tmp_path / "serial"), results(tmp_path / "workers")
     assert len(serial) > 20 and serial.keys() == workers.keys()
     assert [name for name in serial if serial[name] != workers[name]] == []
+    # ...and the executor does run its cells in other processes (an in-process loop would pass the above).
+    import os
+
+    folders = [tmp_path / "pid_a", tmp_path / "pid_b"]
+    ProcessExecutor(2, threads_per_worker=1).run([sleeping_cell(folder, 0) for folder in folders])
+    assert os.getpid() not in worker_pids(folders)
 
 
 def test_a_failing_cell_stops_the_run_with_its_name(tmp_path, small_mirror):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import reduce
 from operator import add
@@ -26,6 +25,7 @@ from itertools import combinations
 
 import torch
 
+from loracombench.io import atomic_file
 from loracombench.merging.factors import LoraFactors
 from loracombench.merging.merge import adapter_count, check_same_shapes, checked_factor
 from loracombench.merging.registry import MergeError
@@ -127,18 +127,8 @@ def plot_diagnostics(result: dict, path: str | os.PathLike) -> None:
     axes[2].set_xlabel("module")
     figure.suptitle(f"Adapter interference per module ({result['adapters']} adapters; overall cross-term "
                     f"ratio {_format(result['overall']['cross_term_ratio'])})")
-    _save_atomically(figure, os.fspath(path))
-
-
-def _save_atomically(figure, path: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
 
 
 def _pair_key(i: int, j: int) -> str:
