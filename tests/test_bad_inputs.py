@@ -63,6 +63,7 @@ CONFIGS = {
     "one_as_flag.yaml": with_changes(train__shared_init=1),
     "true_n_train.yaml": with_changes(n_train={"ag_news": True, "gsm8k": 4}),
     "train_split.yaml": with_changes(eval__split="train"),
+    "true_seed.yaml": with_changes(seeds=[True]),
     "unknown_target.yaml": with_changes(train__target_modules=["q_proj", "qkv"]),
 }
 
@@ -237,6 +238,8 @@ CASES = [
      "train.shared_init: must be true or false"),
     ("run-true-n-train", [*RUN, "--config", "{w}/configs/true_n_train.yaml", "--out", "{w}/new"],
      "n_train: must be a number, not true/false (at ag_news)"),
+    ("run-true-seed", [*RUN, "--config", "{w}/configs/true_seed.yaml", "--out", "{w}/new"],
+     "seeds: must be a number, not true/false (item 0)"),
     ("run-train-split", [*RUN, "--config", "{w}/configs/train_split.yaml", "--out", "{w}/new"],
      "eval.split: a run scores its models on held-out rows"),
     ("train-infinite-lr", [*TRAIN, "--lr", "inf", "--out", "{w}/new"], "--lr"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -164,6 +165,10 @@ def test_a_changed_config_that_stopped_before_its_end_gets_no_mixed_report(tmp_p
     assert "lists the results of another config than" in capsys.readouterr().err
     assert main(["run", "--config", str(one), "--data-dir", str(small_mirror), "--out", str(out)]) == 0
     assert "| merge: task_arithmetic |" not in (out / "results.md").read_text()
+    # The same config written out another way (an editor, git's line endings) is the same config.
+    config = out / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()), indent=4) + "\r\n")
+    assert main(["report", str(out)]) == 0
 
 
 def test_a_second_run_on_a_locked_folder_exits_2_and_changes_nothing(tmp_path, small_mirror, capsys):
@@ -283,6 +288,21 @@ def test_an_output_filled_while_the_command_ran_is_kept_and_the_new_one_set_asid
     aside = next(tmp_path.glob("merged.not-published-*")) / "merged"
     assert str(aside) in error and io.read_json(aside / "loracombench.json")["method"] == "average"
     assert not [p for p in tmp_path.iterdir() if io.is_leftover(p.name)]
+
+
+def test_a_symlinked_out_is_written_through_and_a_claim_ends_with_its_publish(tmp_path):
+    from loracombench.adapters import merge_adapter_dirs
+
+    a, b = make_adapter(tmp_path / "a", 1), make_adapter(tmp_path / "b", 2)
+    target, link = tmp_path / "big" / "merged", tmp_path / "merged"
+    target.mkdir(parents=True)
+    link.symlink_to(target, target_is_directory=True)
+    assert main(["merge", "--adapters", str(a), str(b), "--out", str(link), "--method", "average"]) == 0
+    assert link.is_symlink() and io.read_json(target / "loracombench.json")["method"] == "average"
+    # The command's claim on its --out is spent: library code may replace the output later.
+    merge_adapter_dirs([a, b], "task_arithmetic", link)
+    assert io.read_json(target / "loracombench.json")["method"] == "task_arithmetic"
+    assert not list(tmp_path.glob("*not-published*")) and not list((tmp_path / "big").glob("*not-published*"))
 
 
 def test_a_create_only_output_still_takes_the_place_of_leftovers_and_others_are_replaced(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
 import typing
 from pathlib import Path
 
@@ -38,15 +39,23 @@ def flatten_validation_error(err: ValidationError, where: str | None = None,
 def _bool_mismatch(annotation, value) -> str | None:
     """Why `value` must not fill a field of this type: pydantic's lax mode reads true as 1 for a
     number (`epochs: yes` trains one epoch) and 1 or "no" as a flag. Numbers given as strings
-    stay accepted: YAML reads 1e-3 (no dot) as a string."""
-    allowed = set(typing.get_args(annotation)) or {annotation}
+    stay accepted: YAML reads 1e-3 (no dot) as a string. Lists and dict values are checked item
+    by item."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = set(typing.get_args(annotation)) if union else {annotation}
     if isinstance(value, bool) and bool not in allowed and allowed & {int, float}:
         return "a number, not true/false"
     if allowed <= {bool, type(None)} and bool in allowed and not isinstance(value, bool) and value is not None:
         return "true or false"
-    if typing.get_origin(annotation) is dict and isinstance(value, dict):
-        inner = typing.get_args(annotation)[1]
-        return next((f"{why} (at {key})" for key, item in value.items() if (why := _bool_mismatch(inner, item))), None)
+    for member in allowed:
+        if typing.get_origin(member) is dict and isinstance(value, dict):
+            inner = typing.get_args(member)[1]
+            return next((f"{why} (at {key})" for key, item in value.items() if (why := _bool_mismatch(inner, item))),
+                        None)
+        if typing.get_origin(member) is list and isinstance(value, list):
+            inner = typing.get_args(member)[0]
+            return next((f"{why} (item {i})" for i, item in enumerate(value) if (why := _bool_mismatch(inner, item))),
+                        None)
     return None
 
 

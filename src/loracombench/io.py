@@ -178,8 +178,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
     An existing `path` is kept until the new one is complete, so a failed rerun loses nothing.
     A path claimed with create_only is never replaced if it holds more than leftovers by then:
-    the new folder is set aside beside it and OutputAppearedError says where."""
+    the new folder is set aside beside it and OutputAppearedError says where. A symlink is
+    written through: its target is replaced and the link stays."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
     staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".partial", dir=path.parent))
@@ -188,6 +191,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield staging
         _ordinary_permissions(staging)
         if path.resolve() in _CREATE_ONLY:
+            _CREATE_ONLY.discard(path.resolve())  # one claim, one publish: later saves replace as usual
             _publish_new(staging, path)
         elif path.exists():
             _replace_dir(staging, path)
@@ -214,8 +218,9 @@ def _publish_new(staging: Path, path: Path) -> None:
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
-    if path.is_dir() and not path.is_symlink() and all(is_leftover(e.name) for e in path.iterdir()):
-        _replace_dir(staging, path)  # only a stale lock or a killed save's temporaries
+    if path.is_dir() and not path.is_symlink() and all(
+            e.name == LOCK_FILE or is_abandoned_leftover(e.name) for e in path.iterdir()):
+        _replace_dir(staging, path)  # only a stale lock or the temporaries of ended saves
         return
     aside = Path(tempfile.mkdtemp(prefix=f"{path.name}.not-published-", dir=path.parent))
     os.replace(staging, aside / path.name)

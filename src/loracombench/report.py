@@ -41,6 +41,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io as stdio
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -71,8 +72,11 @@ def write_current_results(run_dir: str | Path, folders: list[Path]) -> Path:
 
 
 def _config_hash(run_dir: Path) -> str | None:
+    """Of the parsed config, so that reformatting the file (or git's line endings) changes nothing."""
     config = run_dir / "config.json"
-    return hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+    if not config.is_file():
+        return None
+    return hashlib.sha256(json.dumps(io.read_json(config), sort_keys=True).encode()).hexdigest()
 
 
 def _all_results(run_dir: Path) -> list[str]:
