@@ -149,3 +149,14 @@ def test_the_base_fingerprint_holds_the_tokenizer_so_a_changed_one_makes_other_k
     after = tokenizer_hash(tokenizer)
     tokenizer.pad_token = "<a-new-token>"
     assert len({before, after, tokenizer_hash(tokenizer)}) == 3
+
+
+def test_a_baseline_is_keyed_by_the_code_that_fits_it(tmp_path, monkeypatch):
+    from loracombench import baselines
+    from loracombench.tasks import classical
+
+    mirror = make_small_mirror(tmp_path / "mirror")
+    before = keys(mirror, tmp_path)
+    real = baselines.inspect.getsource
+    monkeypatch.setattr(baselines.inspect, "getsource", lambda obj: real(obj) + ("# edited" if obj is classical else ""))
+    assert changed(before, keys(mirror, tmp_path)) == {name for name in before if name.startswith("baseline")}

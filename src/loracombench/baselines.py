@@ -9,6 +9,9 @@ baseline is. `evaluate_baselines` does no I/O; `run_baselines` writes one result
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +38,15 @@ def _score_answers(task: Task, predicted: list[dict], rows: list[dict]) -> tuple
 
 # How a baseline's predictions are scored, by the task's kind (as evaluation.EVALUATORS scores models).
 SCORERS = {"multiple_choice": _score_choices, "generation": _score_answers}
+
+
+def code_fingerprint() -> str:
+    """A hash of the code that fits and scores the baselines (this module and tasks/classical.py),
+    for their cache keys: a fix there recomputes the baselines and nothing else."""
+    from .tasks import classical
+
+    sources = (inspect.getsource(sys.modules[__name__]) + inspect.getsource(classical)).encode()
+    return hashlib.sha256(sources).hexdigest()[:16]
 
 
 def baseline_names(task_name: str) -> list[str]:

@@ -46,6 +46,9 @@ def cell_key(parts: dict, task: str | None = None, libraries: tuple[str, ...] = 
     """A cell's cache key: its own inputs and settings, the task's prompt and scoring version
     (see Task.fingerprint) and the versions of the code that computes it."""
     extra = {"task_version": get_task(task).fingerprint()} if task else {}
+    reserved = set(parts) & {"task_version", "code"}
+    if reserved:  # they would be overwritten below, silently leaving the part out of the key
+        raise ValueError(f"cell key part(s) {sorted(reserved)} are reserved")
     return stable_hash({**parts, **extra, "code": cache.code_versions(libraries)})
 
 
@@ -373,7 +376,7 @@ class Experiment:
         return Cell(f"eval {entry.slug} on {task}", folder, key, compute, gpu=True)
 
     def baseline_cells(self) -> list[Cell]:
-        from .baselines import baseline_names, baseline_record, evaluate_baselines
+        from .baselines import baseline_names, baseline_record, code_fingerprint, evaluate_baselines
 
         cells = []
         for task in self.config.tasks:
@@ -383,7 +386,8 @@ class Experiment:
                 key = cell_key({"baselines": task, "baseline": name, "seed": self.config.data_seed,
                                 "train_rows": self.rows_key(self.train_rows(task)),
                                 "eval_rows": self.rows_key(self.eval_rows(task)),
-                                "split": eval_config.split, "sample_seed": eval_config.seed},
+                                "split": eval_config.split, "sample_seed": eval_config.seed,
+                                "baseline_code": code_fingerprint()},
                                task, cache.BASELINE_LIBRARIES)
                 folder = self.out / "eval" / f"baseline_{name}" / task
                 self.current_results.append(folder)
