@@ -1,7 +1,9 @@
 """GSM8K grade-school math (Cobbe et al. 2021), scored by greedy generation and exact match.
 
 Scoring is lm-evaluation-harness's `gsm8k` task (lm_eval/tasks/gsm8k/gsm8k.yaml, task version
-3.0), reimplemented here, so our exact-match numbers mean what published lm-eval GSM8K numbers mean:
+3.0), reimplemented here: an output is judged exactly as lm-eval judges it. The prompt is that
+task's doc_to_text, but zero-shot where lm-eval's default is 5-shot, so our exact-match numbers are
+not comparable with published (5-shot) lm-eval GSM8K numbers. The scoring:
 
 - Extraction is lm-eval's `RegexFilter` (lm_eval/filters/extraction.py): `re.findall` of the
   pattern over the whole output, pick one match (`group_select`), a tuple match (a pattern with
