@@ -64,6 +64,7 @@ CONFIGS = {
     "true_n_train.yaml": with_changes(n_train={"ag_news": True, "gsm8k": 4}),
     "train_split.yaml": with_changes(eval__split="train"),
     "true_seed.yaml": with_changes(seeds=[True]),
+    "zero_sum_average.yaml": with_changes(merges=[{"method": "average", "weights": [1.0, -1.0]}]),
     "unknown_target.yaml": with_changes(train__target_modules=["q_proj", "qkv"]),
 }
 
@@ -240,6 +241,8 @@ CASES = [
      "n_train: must be a number, not true/false (at ag_news)"),
     ("run-true-seed", [*RUN, "--config", "{w}/configs/true_seed.yaml", "--out", "{w}/new"],
      "seeds: must be a number, not true/false (item 0)"),
+    ("run-zero-sum-average", [*RUN, "--config", "{w}/configs/zero_sum_average.yaml", "--out", "{w}/new"],
+     "merges.0.weights (average): average: the weights sum to 0"),
     ("run-train-split", [*RUN, "--config", "{w}/configs/train_split.yaml", "--out", "{w}/new"],
      "eval.split: a run scores its models on held-out rows"),
     ("train-infinite-lr", [*TRAIN, "--lr", "inf", "--out", "{w}/new"], "--lr"),

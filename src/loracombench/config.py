@@ -313,9 +313,12 @@ class ExperimentConfig(Strict):
         for spec in self.compositions:
             get_composition(spec.method, spec.params)
         for index, spec in enumerate(self.merges):
-            parse_params(get_method(spec.method), spec.params)
+            method = get_method(spec.method)
+            params = parse_params(method, spec.params)
             try:
-                checked_weights(spec.weights, len(self.tasks))
+                weights = checked_weights(spec.weights, len(self.tasks))
+                if method.check_weights:
+                    method.check_weights(weights, params)
             except MergeError as err:
                 raise ValueError(f"merges.{index}.weights ({spec.name}): {err}") from None
         return self

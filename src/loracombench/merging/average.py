@@ -18,11 +18,17 @@ from loracombench.merging.factors import LoraFactors
 from loracombench.merging.registry import MergeError, MergeMethod, Param, register
 
 
-def merge_average(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
+def normalising_total(weights: list[float], params: dict) -> float:
+    """What the weighted factor sums are divided by: Σ wᵢ with normalize=true, else 1."""
     total = sum(weights) if params["normalize"] else 1.0
     if total == 0:
-        raise MergeError(f"average: the weights sum to 0 (module {module}), so they cannot be normalised; "
+        raise MergeError("average: the weights sum to 0, so they cannot be normalised; "
                          "use normalize=false or other weights")
+    return total
+
+
+def merge_average(factors: list[LoraFactors], weights: list[float], params: dict, module: str):
+    total = normalising_total(weights, params)
     shared_scale = all(f.scale == factors[0].scale for f in factors)
     parts = factors if shared_scale else [f.folded() for f in factors]
     lora_A = sum(w * f.lora_A for f, w in zip(parts, weights)) / total
@@ -38,6 +44,7 @@ register(MergeMethod(
               "'LoRA: Low-Rank Adaptation of Large Language Models', arXiv 2106.09685",
     summary="weighted mean of the A matrices and of the B matrices (keeps the rank; adds cross terms)",
     averages=True,
+    check_weights=normalising_total,
     needs_equal_ranks=True,
     takes_union_of_modules=False,
 ))

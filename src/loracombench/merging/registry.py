@@ -33,7 +33,9 @@ class MergeMethod:
     `params` is resolved by parse_params, and `module` is the module's name (random methods seed
     per module with it). `averages` describes the default parameters: True when two identical
     adapters at weights (1, 1) give what that adapter gives alone at weight 1 (for most methods
-    the adapter itself), False when they give what it gives alone at weight 2.
+    the adapter itself), False when they give what it gives alone at weight 2. `check_weights`,
+    when set, refuses weights the method cannot use with these params (raising MergeError) without
+    any factors, so that a config is refused before its experts train.
     """
 
     name: str
@@ -44,6 +46,7 @@ class MergeMethod:
     averages: bool
     needs_equal_ranks: bool
     takes_union_of_modules: bool
+    check_weights: Callable[[list[float], dict], object] | None = None
 
 
 METHODS: dict[str, MergeMethod] = {}
