@@ -114,14 +114,16 @@ def test_a_task_fingerprint_follows_its_version_and_code(monkeypatch):
     assert ag_news.fingerprint()["code"] != before[0]["code"]
 
 
-def test_an_expert_is_retrained_when_the_training_loss_changes(tmp_path, monkeypatch):
+def test_an_expert_is_retrained_when_the_training_loss_changes(tmp_path, small_mirror, monkeypatch):
     """A fix to the loss the experts train on (TARGET_LOSS_VERSION) must not reuse an adapter
     trained with the old one; nothing else about the run changes its training cells."""
     from loracombench import training
     from loracombench.config import load_config
     from loracombench.pipeline import Experiment
 
-    experiment = Experiment(load_config("default"), tmp_path)
+    # A training key holds its rows, so the run needs data: the hand-made mirror, CI or not.
+    config = load_config("default", {"data_dir": str(small_mirror), "n_train": {"ag_news": 8, "gsm8k": 4}})
+    experiment = Experiment(config, tmp_path)
 
     def keys():
         return [experiment.train_cell(task, {"weights": "w"}, 0).key for task in ("ag_news", "gsm8k")]
