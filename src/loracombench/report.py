@@ -39,15 +39,14 @@ with a model whose per-example values are not all finite) is empty, and so is it
 from __future__ import annotations
 
 import csv
-import hashlib
 import io as stdio
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from . import io, metrics, stats
+from .config import stable_hash
 from .tasks import get_task
 
 CURRENT_RESULTS = "current_results.json"
@@ -76,7 +75,7 @@ def _config_hash(run_dir: Path) -> str | None:
     config = run_dir / "config.json"
     if not config.is_file():
         return None
-    return hashlib.sha256(json.dumps(io.read_json(config), sort_keys=True).encode()).hexdigest()
+    return stable_hash(io.read_json(config))
 
 
 def _all_results(run_dir: Path) -> list[str]:
