@@ -111,10 +111,18 @@ def bootstrap_difference(first: WeightedScore, second: WeightedScore, n: int, *,
     return paired_bootstrap([first, second], np.subtract, n, seed=seed, resamples=resamples)
 
 
-def _ratio_of_gains(model, base, expert, sign: float):
-    gain = sign * (expert - base)
+def gain(base, improved, higher_is_better: bool):
+    """How much `improved` betters `base`, in the score's own direction. Retention is the ratio of
+    two such gains, defined only where the expert's is positive (stats.retention and the weight
+    sweep's objective both read it from here)."""
+    return improved - base if higher_is_better else base - improved
+
+
+def _ratio_of_gains(model, base, expert, higher_is_better: bool):
+    expert_gain = gain(base, expert, higher_is_better)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(gain > 0, sign * (model - base) / np.where(gain > 0, gain, 1.0), np.nan)
+        return np.where(expert_gain > 0,
+                        gain(base, model, higher_is_better) / np.where(expert_gain > 0, expert_gain, 1.0), np.nan)
 
 
 def retention(model: WeightedScore, base: WeightedScore, expert: WeightedScore, n: int, *,
@@ -124,8 +132,7 @@ def retention(model: WeightedScore, base: WeightedScore, expert: WeightedScore, 
     lower-is-better score (NLL) the gains are base − model and base − expert. Undefined (value
     None; a resample left out) where the expert gains nothing: it equals the base or is worse,
     where the ratio would read a model worse than both as keeping more than all of a gain."""
-    sign = 1.0 if higher_is_better else -1.0
-    return paired_bootstrap([model, base, expert], lambda m, b, e: _ratio_of_gains(m, b, e, sign), n,
+    return paired_bootstrap([model, base, expert], lambda m, b, e: _ratio_of_gains(m, b, e, higher_is_better), n,
                             seed=seed, resamples=resamples)
 
 

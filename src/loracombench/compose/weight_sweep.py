@@ -113,9 +113,10 @@ SELECTION_RULES: dict[str, Callable[[list[float]], float]] = {
 def retention(value: float, base: float, expert: float, higher_is_better: bool) -> float | None:
     """(value − base)/(expert − base), None where the expert does not improve on the base: a
     negative gain would rank the points that lose most as keeping most (as stats.retention)."""
-    if (expert - base) * (1 if higher_is_better else -1) <= 0:
+    expert_gain = stats.gain(base, expert, higher_is_better)
+    if expert_gain <= 0:
         return None
-    return (value - base) / (expert - base)
+    return stats.gain(base, value, higher_is_better) / expert_gain
 
 
 def task_retention(task: str, value: float, references: dict) -> float | None:
