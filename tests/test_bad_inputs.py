@@ -372,3 +372,31 @@ def test_eval_records_the_generations_it_made_not_more(tmp_path, small_mirror):
                  "--n-eval", "2", "--n-generate", "4", "--max-new-tokens", "2", "--out", str(out)]) == 0
     record = metrics.read_result(out)
     assert record["config"]["n_generate"] == 2 and record["metrics"]["exact_match_flexible"]["n"] == 2
+
+
+def test_eval_scores_the_default_presets_sample_unless_told_otherwise(tmp_path, small_mirror, monkeypatch):
+    """An adapter evaluated alone is scored on the rows and settings of the default run's table:
+    every unset flag is the default preset's (here a stand-in preset), every given flag wins."""
+    from loracombench import config, data
+    from loracombench.tasks import get_task
+
+    preset = tmp_path / "preset.yaml"
+    raw = yaml.safe_load((config.PRESETS_DIR / "default.yaml").read_text())
+    raw["eval"] = {"n_eval": {"ag_news": 4, "gsm8k": 3}, "n_generate": 1, "seed": 7, "max_new_tokens": 2,
+                   "batch_size": 2}
+    preset.write_text(yaml.safe_dump(raw))
+    real = config.load_config
+    monkeypatch.setattr(config, "load_config", lambda source=None, overrides=None: real(source or preset, overrides))
+    tiny = ["--model", "tiny-llama", "--data-dir", str(small_mirror)]
+    assert main(["eval", "--task", "gsm8k", *tiny, "--out", str(tmp_path / "unset")]) == 0
+    record = metrics.read_result(tmp_path / "unset")
+    assert {k: record["config"][k] for k in ("n_eval", "n_generate", "seed", "max_new_tokens", "batch_size")} == {
+        "n_eval": 3, "n_generate": 1, "seed": 7, "max_new_tokens": 2, "batch_size": 2}
+    sampled = data.load_sample(get_task("gsm8k"), "test", 3, 7, small_mirror)
+    assert [p["gold"] for p in metrics.read_predictions(tmp_path / "unset")] == [
+        r["answer"].split("####")[-1].strip() for r in sampled]
+
+    assert main(["eval", "--task", "gsm8k", *tiny, "--n-eval", "2", "--n-generate", "0", "--seed", "3",
+                 "--out", str(tmp_path / "given")]) == 0
+    given = metrics.read_result(tmp_path / "given")["config"]
+    assert (given["n_eval"], given["n_generate"], given["seed"], given["batch_size"]) == (2, 0, 3, 2)

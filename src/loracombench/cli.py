@@ -166,6 +166,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def eval_settings(args, task: str) -> dict:
+    """The evaluation settings of `eval`: each flag given, else the default preset's, so that an
+    adapter evaluated alone is scored on the rows and settings of the default run's table."""
+    from .config import load_config
+    from .evaluation import EvalConfig
+
+    preset = load_config().eval  # the default preset is the one source of the evaluation defaults
+    defaults = {"split": preset.split, "seed": preset.seed, "n_eval": preset.n_eval.get(task, EvalConfig.n_eval),
+                "n_generate": preset.n_generate, "max_new_tokens": preset.max_new_tokens,
+                "batch_size": preset.batch_size, "generate_batch_size": preset.generate_batch_size}
+    return {name: default if getattr(args, name) is None else getattr(args, name) for name, default in defaults.items()}
+
+
 def cmd_eval(args) -> int:
     from . import adapters, io
     from .data import load_sample
@@ -179,11 +192,11 @@ def cmd_eval(args) -> int:
               inputs={"--adapter": args.adapter, "--data-dir": _data_input(args.data_dir),
                       "--model": _local_path(args.model)})
     device = check_device(args.device)
-    rows = load_sample(task, args.split, args.n_eval, args.seed, args.data_dir, what="--n-eval")
-    # Recorded as what was generated: never more than the rows evaluated.
-    config = EvalConfig(n_eval=args.n_eval, n_generate=min(args.n_generate, len(rows)),
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        generate_batch_size=args.generate_batch_size, seed=args.seed, split=args.split)
+    settings = eval_settings(args, task.name)
+    rows = load_sample(task, settings["split"], settings["n_eval"], settings["seed"], args.data_dir, what="--n-eval")
+    # Recorded as what was generated: never more than the rows evaluated (None: all of them).
+    n_generate = len(rows) if settings["n_generate"] is None else min(settings["n_generate"], len(rows))
+    config = EvalConfig(**{**settings, "n_generate": n_generate})
     if args.adapter:  # its error before the model's: the adapter is the likelier mistake, and cheap to read
         try:
             adapters.read_adapter(args.adapter)
@@ -414,7 +427,6 @@ def add_out_args(parser, help: str, required: bool = False, default=None) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli_analysis import add_parsers as add_analysis_parsers
-    from .evaluation import EvalConfig
     from .executors import EXECUTORS, RAY_EXTRA
 
     parser = OneLineParser(prog="loracombench", description=__doc__)
@@ -469,24 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_out_args(p, "adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 
-    e = EvalConfig()
-    p = sub.add_parser("eval", help="evaluate the base model or an adapter on one task")
+    p = sub.add_parser("eval", help="evaluate the base model or an adapter on one task",
+                       description="Evaluate the base model or an adapter on one task. Every unset evaluation setting is "
+                                   "the default preset's, so the rows and settings are those of the default run's table.")
     p.add_argument("--task", required=True, help="ag_news or gsm8k")
     _add_model_args(p)
     _add_data_arg(p)
     p.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder (default: the base model)")
     p.add_argument("--label", default=None, help="name of the model in the result file")
-    p.add_argument("--split", default=e.split, help="the split scored (a run scores test)")
-    p.add_argument("--n-eval", type=count(1), default=e.n_eval,
-                   help=f"examples scored (seeded sample; {SAMPLE_HELP})")
-    p.add_argument("--n-generate", type=count(0), default=e.n_generate,
-                   help="GSM8K: problems answered by generation (a prefix of the sample; 0: none)")
-    p.add_argument("--max-new-tokens", type=count(1), default=e.max_new_tokens,
-                   help="GSM8K: the most tokens a generated answer may have")
-    p.add_argument("--batch-size", type=count(1), default=e.batch_size, help="rows per log-likelihood forward pass")
-    p.add_argument("--generate-batch-size", type=count(1), default=e.generate_batch_size,
-                   help="GSM8K: prompts generated together")
-    p.add_argument("--seed", type=int, default=e.seed, help="seed of the evaluation sample")
+    p.add_argument("--split", default=None, help=f"the split scored (a run scores test) {preset}")
+    p.add_argument("--n-eval", type=count(1), default=None,
+                   help=f"examples scored (seeded sample; {SAMPLE_HELP}) {preset}")
+    p.add_argument("--n-generate", type=count(0), default=None,
+                   help=f"GSM8K: problems answered by generation (a prefix of the sample; 0: none) {preset}")
+    p.add_argument("--max-new-tokens", type=count(1), default=None,
+                   help=f"GSM8K: the most tokens a generated answer may have {preset}")
+    p.add_argument("--batch-size", type=count(1), default=None, help=f"rows per log-likelihood forward pass {preset}")
+    p.add_argument("--generate-batch-size", type=count(1), default=None,
+                   help=f"GSM8K: prompts generated together {preset}")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of the evaluation sample {preset}")
     add_out_args(p, "folder for metrics.json and predictions.jsonl", required=True)
     p.set_defaults(func=cmd_eval)
 
