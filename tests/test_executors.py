@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -42,11 +44,24 @@ def test_ray_executor_without_ray_names_the_extra_and_writes_nothing(tmp_path, s
     assert not out.exists()
 
 
+def test_without_an_address_the_ray_executor_starts_its_own_ray_whatever_is_running(tmp_path):
+    """As --ray-address's help says: plain ray.init() would join a Ray already running on the
+    machine (or named by RAY_ADDRESS; here one that does not answer) and refuse num_cpus there."""
+    pytest.importorskip("ray")
+    started = subprocess.run(
+        [sys.executable, "-c", "from loracombench.executors import RayExecutor\n"
+         "executor = RayExecutor(num_cpus=1, include_dashboard=False)\n"
+         "print('cpus', executor._connect().cluster_resources()['CPU'])\nexecutor.close()"],
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert "cpus 1.0" in started.stdout
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
     sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it and shutdown leaves its own
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
     signal.signal(signal.SIGTERM, sigterm)

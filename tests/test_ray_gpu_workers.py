@@ -17,7 +17,7 @@ def ray_with_gpus():
     sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it and shutdown leaves its own
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
     signal.signal(signal.SIGTERM, sigterm)

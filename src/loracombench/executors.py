@@ -123,8 +123,9 @@ def _ensure(cell) -> bool:
 class RayExecutor:
     """Runs a stage's cells as Ray tasks and waits for all of them.
 
-    address: None starts a local Ray (with `init_options`, e.g. num_cpus); "auto" or
-    "ray://host:10001" joins an existing cluster. Each cell asks for `cpus_per_cell` CPUs, and a
+    address: None starts a local Ray (with `init_options`, e.g. num_cpus), even where a Ray is
+    already running on the machine or RAY_ADDRESS names one (ray.init alone would join it); "auto"
+    or "ray://host:10001" joins an existing cluster. Each cell asks for `cpus_per_cell` CPUs, and a
     cell that runs the base model (`Cell.gpu`) for one GPU when the cluster has any. A worker
     process keeps the run's base model between the cells it runs (pipeline.Experiment travels
     without it and loads it once per process); Ray starts a fresh worker after each GPU task to
@@ -140,7 +141,7 @@ class RayExecutor:
     def _connect(self):
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=self.address, **self.init_options)
+            ray.init(address=self.address or "local", **self.init_options)
             self._started = True
         return ray
 
