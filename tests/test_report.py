@@ -39,9 +39,11 @@ def gsm8k_result(nll_gain: float, correct: set[int]) -> tuple[dict, list[dict]]:
 
 
 def write_model(run, label: str, kind: str, seed, results: dict, relative_error: float | None = None,
-                sample_seed: int = 1234) -> None:
+                sample_seed: int = 1234, base_model: dict | None = None) -> None:
     slug = label.replace(": ", "_").replace(" ", "_") + ("" if seed is None else f"_s{seed}")
     model = {"label": label, "kind": kind, "slug": slug, "seed": seed}
+    if base_model is not None:
+        model["base_model"] = base_model
     if relative_error is not None:
         model["relative_error"] = relative_error
     for task, (scores, rows) in results.items():
@@ -329,6 +331,43 @@ def test_samples_drawn_with_another_seed_are_not_paired_even_when_their_golds_ag
     write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))})
     write_model(run, "merge: average", "merge", 0, {"ag_news": ag_news_result(span(7))}, sample_seed=19)
     with pytest.raises(ValueError, match=r"test/24 \(sample seed 19\) and test/24 \(sample seed 1234\)"):
+        build_report(run)
+
+
+def base_fingerprint(weights: str) -> dict:
+    return {"name": "tiny-llama", "config_hash": "c0ffee", "weight_checksum": weights}
+
+
+def test_results_of_another_base_model_are_refused_not_compared(tmp_path):
+    """A result folder of another base, copied into a run, would be tested as if the difference were
+    the composition's; one of the same base (and the base-less baselines) is fine."""
+    run = tmp_path / "run"
+    same, other = base_fingerprint("aaaa"), base_fingerprint("bbbb")
+    write_model(run, "base", "base", None, {"ag_news": ag_news_result(span(6))}, base_model=same)
+    write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))}, base_model=same)
+    write_model(run, "tfidf_logreg", "baseline", None, {"ag_news": ag_news_result(span(20))})
+    write_model(run, "merge: average", "merge", 0, {"ag_news": ag_news_result(span(7))}, base_model=same)
+    build_report(run)
+    write_model(run, "merge: ties", "merge", 0, {"ag_news": ag_news_result(span(8))}, base_model=other)
+    with pytest.raises(ValueError, match=r"more than one base model: .* and merge: ties on ag_news"):
+        build_report(run)
+
+
+def test_a_result_file_cut_or_edited_since_its_run_wrote_it_is_refused(tmp_path):
+    """Its manifest records every file's hash: a predictions.jsonl cut to its first rows would
+    otherwise be paired on the examples left in it, under the n of its metrics.json."""
+    from loracombench import cache
+
+    run = tmp_path / "run"
+    write_model(run, "base", "base", None, {"ag_news": ag_news_result(span(6))})
+    write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))})
+    write_model(run, "merge: average", "merge", 0, {"ag_news": ag_news_result(span(7))})
+    for folder in run.glob("eval/*/*"):
+        cache.record_outputs(folder, "key-of-" + folder.parent.name)
+    build_report(run)
+    predictions = run / "eval" / "merge_average_s0" / "ag_news" / "predictions.jsonl"
+    predictions.write_text("".join(predictions.read_text().splitlines(keepends=True)[:8]))
+    with pytest.raises(ValueError, match=r"merge_average_s0/ag_news: predictions.jsonl changed size"):
         build_report(run)
 
 

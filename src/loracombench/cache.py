@@ -81,5 +81,18 @@ def stale_reason(folder: str | Path, key: str) -> str | None:
     return None
 
 
+def damage(folder: str | Path) -> str | None:
+    """Why a finished cell's files no longer match what its manifest recorded when the cell was
+    written, whatever its key; None when they match or the folder has no manifest."""
+    folder = Path(folder)
+    try:
+        key = io.read_json(folder / MANIFEST)["key"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST} is unreadable ({err})"
+    return stale_reason(folder, key)
+
+
 def cached(folder: str | Path, key: str) -> bool:
     return stale_reason(folder, key) is None

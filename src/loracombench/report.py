@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, metrics, stats
+from . import cache, io, metrics, stats
 from .config import stable_hash
 from .tasks import get_task
 
@@ -115,10 +115,33 @@ def collect(run_dir: str | Path) -> list[dict]:
         if not (run_dir / name / "metrics.json").is_file():
             raise ValueError(f"{run_dir}/{CURRENT_RESULTS} lists {name}, but its metrics.json is missing; "
                              f"rerun `loracombench run` to recompute it")
+        # A cut or edited predictions.jsonl would otherwise be paired on the examples left in it.
+        damage = cache.damage(run_dir / name)
+        if damage:
+            raise ValueError(f"{run_dir / name}: {damage} since its run wrote it; "
+                             f"rerun `loracombench run` to recompute it")
         records.append(metrics.read_result(run_dir / name))
     if not records:
         raise ValueError(f"no results under {run_dir}/eval: run `loracombench run` first")
+    _one_base(run_dir, records)
     return records
+
+
+def _one_base(run_dir: Path, records: list[dict]) -> None:
+    """Every language-model result of a table must come from one base model: a result folder of
+    another base (copied in, or a run moved across checkpoints) would be compared and paired as if
+    its differences were the composition's."""
+    from .models import same_base
+
+    based = [r for r in records if r["model"].get("base_model")]
+    odd = [r for r in based if not same_base(r["model"]["base_model"], based[0]["model"]["base_model"])]
+    if odd:
+        def named(r: dict) -> str:
+            return f"{r['model']['label']} on {r['task']} ({r['model']['base_model'].get('name')})"
+
+        raise ValueError(f"{run_dir}: results of more than one base model: {named(based[0])} and "
+                         f"{', '.join(named(r) for r in odd[:3])}{' ...' if len(odd) > 3 else ''}; "
+                         f"rerun `loracombench run` into this folder to recompute them on one base")
 
 
 def stale_note(run_dir: str | Path) -> str:
