@@ -96,7 +96,7 @@ def world(tmp_path_factory) -> Path:
     adapters.merge_adapter_dirs([a, b], "average", w / "merged")
     record = metrics.result_record(task="ag_news", split="test", n=1, seed=0, model={"label": "x", "kind": "base"},
                                    metrics={}, primary_metric="accuracy", chance=0.25)
-    metrics.write_result(w / "eval_done", record, [])
+    metrics.write_result(w / "eval_done", record, [], [])
     (w / "file.txt").write_text("precious\n")
     (w / "foreign").mkdir()
     (w / "foreign" / "notes.txt").write_text("not ours\n")

@@ -18,8 +18,10 @@ GOLDEN = Path(__file__).parent / "golden" / "baselines_b061dc2.json"
 # (task, train rows, test rows): small enough for a few seconds, large enough that every
 # baseline predicts more than one class and the nearest neighbour finds different answers.
 SAMPLES = (("ag_news", 400, 200), ("gsm8k", 500, 100))
-# What says when and on what the record was made, not what it found (tested in test_environment.py).
-VOLATILE = ("elapsed_s", "created", "environment")
+# What says when and on what the record was made, not what it found (tested in test_environment.py),
+# and the provenance records gained after b061dc2: the task's version (test_evaluation.py) and each
+# prediction's dataset row, checked here against the rows scored.
+VOLATILE = ("elapsed_s", "created", "environment", "task_version")
 
 
 def digest(rows: list[dict]) -> str:
@@ -36,8 +38,9 @@ def baseline_results(out_dir: Path) -> dict:
         results["order"][task] = [folder.name for folder in folders]
         for folder in folders:
             record = {k: v for k, v in metrics.read_result(folder).items() if k not in VOLATILE}
-            results[f"{task}/{folder.name}"] = {"record": record,
-                                                "predictions": digest(metrics.read_predictions(folder))}
+            predictions = metrics.read_predictions(folder)
+            assert [p.pop("doc") for p in predictions] == test
+            results[f"{task}/{folder.name}"] = {"record": record, "predictions": digest(predictions)}
     return results
 
 

@@ -134,6 +134,9 @@ def test_evaluate_writes_metrics_and_predictions(tiny_gpt2, tmp_path):
     accuracy = record["metrics"]["accuracy"]
     assert accuracy["value"] == sum(json.loads(l)["correct"] for l in lines) / 8
     assert 0 <= accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"] <= 1
+    # What lm-eval records too: the task's version, and each prediction's dataset row.
+    assert record["task_version"] == get_task("ag_news").fingerprint()
+    assert [json.loads(l)["doc"] for l in lines] == rows
 
 
 def transformers_generate(model, tok, prompts, max_new_tokens, stops):

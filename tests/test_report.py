@@ -49,7 +49,8 @@ def write_model(run, label: str, kind: str, seed, results: dict, relative_error:
     for task, (scores, rows) in results.items():
         record = metrics.result_record(task=task, split="test", n=len(rows), seed=sample_seed, model=model, metrics=scores,
                                        primary_metric=TASKS[task].primary_metric, chance=TASKS[task].chance)
-        metrics.write_result(run / "eval" / slug / task, record, rows)
+        metrics.write_result(run / "eval" / slug / task, record, rows,
+                             [{"text": f"example {r['index']}"} for r in rows])
 
 
 def span(stop: int, start: int = 0) -> set[int]:

@@ -344,7 +344,7 @@ def test_an_interrupted_rewrite_of_a_result_folder_leaves_the_earlier_result_who
     predictions and metrics together, never new predictions beside old metrics."""
     folder = tmp_path / "eval" / "base" / "ag_news"
     old_record = {"schema": metrics.SCHEMA, "n": 1}
-    metrics.write_result(folder, old_record, [{"index": 0, "prediction": "old"}])
+    metrics.write_result(folder, old_record, [{"index": 0, "prediction": "old"}], [{"text": "a"}])
     real_write_json = io.write_json
 
     def interrupted(path, data):
@@ -354,9 +354,10 @@ def test_an_interrupted_rewrite_of_a_result_folder_leaves_the_earlier_result_who
 
     monkeypatch.setattr(io, "write_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        metrics.write_result(folder, {"schema": metrics.SCHEMA, "n": 2}, [{"index": 0, "prediction": "new"}])
+        metrics.write_result(folder, {"schema": metrics.SCHEMA, "n": 2}, [{"index": 0, "prediction": "new"}],
+                             [{"text": "a"}])
     assert metrics.read_result(folder) == old_record
-    assert metrics.read_predictions(folder) == [{"index": 0, "prediction": "old"}]
+    assert metrics.read_predictions(folder) == [{"index": 0, "prediction": "old", "doc": {"text": "a"}}]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["ag_news"]  # no staging folder left
 
 

@@ -97,7 +97,7 @@ def run_baselines(task_name: str, train_rows: list[dict], eval_rows: list[dict],
             config={"baseline": baseline.name, **baseline.config, "n_train": len(train_rows), **(config or {})},
             elapsed_s=round(elapsed, 3))
         folder = Path(out_dir) / baseline.name
-        metrics.write_result(folder, record, predictions)
+        metrics.write_result(folder, record, predictions, eval_rows)
         folders.append(folder)
     return folders
 
@@ -108,4 +108,5 @@ def baseline_record(task: Task, model: dict, scores: dict, *, split: str, n: int
     the versions of the libraries that fit it."""
     return metrics.result_record(task=task.name, split=split, n=n, seed=seed, model=model, metrics=scores,
                                  primary_metric=task.primary_metric, chance=task.chance, config=config,
-                                 elapsed_s=elapsed_s, environment=cache.code_versions(cache.BASELINE_LIBRARIES))
+                                 elapsed_s=elapsed_s, environment=cache.code_versions(cache.BASELINE_LIBRARIES),
+                                 task_version=task.fingerprint())

@@ -482,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate the base model or an adapter on one task",
-                       description="Evaluate the base model or an adapter on one task. Every unset evaluation setting is "
-                                   "the default preset's, so the rows and settings are those of the default run's table.")
+                       description="Evaluate the base model or an adapter on one task. Every unset evaluation "
+                                   "setting is the default preset's, so the rows and settings are those of the "
+                                   "default run's table.")
     p.add_argument("--task", required=True, help="ag_news or gsm8k")
     _add_model_args(p)
     _add_data_arg(p)

@@ -346,7 +346,7 @@ def _record(task: Task, rows, predictions, config: EvalConfig, model_info: dict,
         task=task.name, split=config.split, n=len(rows), seed=config.seed, model=model_info,
         metrics=result, primary_metric=task.primary_metric if task.primary_metric in result else "gold_nll",
         chance=task.chance, config=asdict(config), elapsed_s=round(time.time() - started, 2),
-        details={**task_details, **details}, environment=environment(device))
+        details={**task_details, **details}, environment=environment(device), task_version=task.fingerprint())
     if out_dir is not None:
-        metrics.write_result(out_dir, record, predictions)
+        metrics.write_result(out_dir, record, predictions, rows)
     return record

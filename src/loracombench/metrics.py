@@ -96,12 +96,15 @@ def model_label(name: str, kind: str) -> str:
 def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metrics: dict,
                   primary_metric: str, chance: float, config: dict | None = None,
                   elapsed_s: float | None = None, details: dict | None = None,
-                  environment: dict | None = None) -> dict:
+                  environment: dict | None = None, task_version: dict | None = None) -> dict:
     """`metrics` maps names to values with intervals; `details` holds what is not one number
-    (a confusion matrix, say); `environment` what computed them (models.environment)."""
+    (a confusion matrix, say); `environment` what computed them (models.environment);
+    `task_version` the task's prompt and scoring version (Task.fingerprint), as lm-eval records
+    its tasks' versions."""
     return {
         "schema": SCHEMA,
         "task": task,
+        "task_version": task_version,
         "split": split,
         "n": n,
         "seed": seed,
@@ -117,13 +120,16 @@ def result_record(*, task: str, split: str, n: int, seed: int, model: dict, metr
     }
 
 
-def write_result(out_dir: str | Path, record: dict, predictions: list[dict]) -> Path:
+def write_result(out_dir: str | Path, record: dict, predictions: list[dict], docs: list[dict]) -> Path:
     """predictions.jsonl and metrics.json, published together (io.atomic_dir): an interrupted
     rewrite of a result folder leaves the earlier result whole, never new predictions beside old
-    metrics, which the report would pair."""
+    metrics, which the report would pair. Each prediction carries its dataset row as "doc" (as
+    lm-eval's logged samples do), so that an example can be read without redrawing the sample."""
+    if len(docs) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions for {len(docs)} dataset rows")
     out_dir = Path(out_dir)
     with io.atomic_dir(out_dir) as staging:
-        io.write_jsonl(staging / "predictions.jsonl", predictions)
+        io.write_jsonl(staging / "predictions.jsonl", [{**p, "doc": doc} for p, doc in zip(predictions, docs)])
         io.write_json(staging / "metrics.json", record)
     return out_dir / "metrics.json"
 

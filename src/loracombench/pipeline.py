@@ -401,7 +401,7 @@ class Experiment:
                                          "slug": f"baseline_{name}", "cell_key": key},
                         result, split=eval_config.split, n=len(rows), seed=eval_config.seed,
                         config={"n_train": self.config.n_train[task], "data": self.data_source})
-                    metrics.write_result(folder, record, predictions)
+                    metrics.write_result(folder, record, predictions, rows)
 
                 cells.append(Cell(f"baseline {name} on {task}", folder, key, compute))
         return cells
