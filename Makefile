@@ -32,7 +32,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not integration"
 
-# BENCH_ARGS: e.g. --only scoring,merge, or --run-log run.log (the output of a finished `make run`).
+# BENCH_ARGS: e.g. --only scoring,merge; --run-log run.log reads a finished `make run`'s output
+# instead of running the default run (and its cached rerun) itself; --no-run skips it.
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 

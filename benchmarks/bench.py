@@ -13,10 +13,11 @@ label), generation (batched GSM8K generation against one prompt at a time), adap
 on one loaded base against a base load per adapter), merge (seconds per merge method,
 bench_merge.py), memory (peak RSS and time of each task's longest training batches of the
 default run, trained with and without recomputed layers and with the loss in chunks, each in a
-fresh process) and run (the stage times of a finished `loracombench run` from its printed log,
-each stage's model FLOPs on the default preset's rows as a share of the matmul peak, the run's
-FLOPs at that peak against the 20-minute budget, and the peak RSS of this process). All of it
-takes about 18 minutes on 2 idle cores, half of that the memory section.
+fresh process) and run (the default run and its fully cached rerun, run here as child processes
+or read from the logs of earlier runs with --run-log: stage times, wall time and peak RSS against
+the budgets, each stage's model FLOPs on the default preset's rows as a share of the matmul peak,
+and the run's FLOPs at that peak against the 20-minute budget). The sections before the run take
+about 18 minutes on 2 idle cores, half of that the memory section; the default run itself 14-27.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import os
 import platform
 import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -483,9 +485,9 @@ def read_run_log(path: Path) -> dict:
 
 
 def run_seconds(run: dict) -> tuple[float, str]:
-    """The time a budget is held to: GNU time's wall time where the log has it."""
+    """The time a budget is held to: the process's wall time where it is known."""
     if run["wall_s"] is not None:
-        return run["wall_s"], "GNU time -v wall time"
+        return run["wall_s"], "wall time"
     return run["total_s"], "the run's own total, without start-up"
 
 
@@ -569,12 +571,54 @@ def run_floor_ratios(ctx: Context, run: dict) -> tuple[list[dict], dict]:
     return ratios, {**counted, "matmul_peak_gflops_per_s": peak / 1e9, "floor_s": floor_s}
 
 
+RUN_CONFIG = "default"  # the run the issue's budgets are for (a test points it at a tiny config)
+
+
+def timed_run(argv: list[str], log: Path, kept: Path) -> dict:
+    """`loracombench <argv>` in a child process, its output written to `log` and, once it ended,
+    copied to `kept`: read_run_log's figures, with the child's own wall time and peak RSS
+    (os.wait4 reports that child's alone, so the bench's memory is not counted)."""
+    started = time.perf_counter()
+    with log.open("w", encoding="utf-8") as out:
+        child = subprocess.Popen([sys.executable, "-m", "loracombench.cli", *argv], stdout=out,
+                                 stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    wall = time.perf_counter() - started
+    io.write_text(kept, log.read_text(encoding="utf-8"))
+    if child.returncode != 0:
+        raise BenchError(f"`loracombench {' '.join(argv)}` exited with {child.returncode}; its output: {kept}")
+    return {**read_run_log(kept), "wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / GB}  # Linux: kB
+
+
+def measure_default_run(ctx: Context) -> tuple[dict, dict]:
+    """The default run into a fresh folder, then the same command again with every cell cached;
+    their logs are kept beside bench.json (run.log, cached-run.log)."""
+    argv = ["run", "--config", RUN_CONFIG, "--model", ctx.args.model]
+    if ctx.args.data_dir:
+        argv += ["--data-dir", str(ctx.args.data_dir)]
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as scratch:
+        argv += ["--out", str(Path(scratch) / "run")]
+        return tuple(timed_run(argv, Path(scratch) / f"{name}.log", ctx.args.out_dir / f"{name}.log")
+                     for name in ("run", "cached-run"))
+
+
 def run_section(ctx: Context) -> dict:
-    """Read last of all, so that the peak RSS covers every section before it."""
+    """The default run's stage times, its wall time and peak RSS and a fully cached rerun's: run
+    here as child processes, or read from the logs of runs made before (--run-log)."""
     bench_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # Linux reports kB
     ratios, measured = [], {"bench_peak_rss_gb": bench_rss}
+    run = rerun = None
     if ctx.args.run_log:
         run = read_run_log(ctx.args.run_log)
+        rerun = read_run_log(ctx.args.cached_run_log) if ctx.args.cached_run_log else None
+        measured["source"] = "logs of earlier runs (--run-log)"
+    elif not ctx.args.no_run:
+        print(f"[{time.strftime('%H:%M:%S')}] run: the default run, then its cached rerun (child processes) ...",
+              file=sys.stderr, flush=True)
+        run, rerun = measure_default_run(ctx)
+        measured["source"] = "run by this bench (run.log, cached-run.log beside bench.json)"
+    if run:
         measured["run"] = run
         ratios += [ratio(f"{stage} ÷ total (share of the run's time)", seconds / run["total_s"])
                    for stage, seconds in run["stages"].items()]
@@ -583,16 +627,16 @@ def run_section(ctx: Context) -> dict:
         floor_ratios, measured["model_flops"] = run_floor_ratios(ctx, run)
         ratios += floor_ratios
         if run["peak_rss_gb"] is not None:
-            ratios.append(ratio("run peak RSS ÷ 4 GB (GNU time -v)", run["peak_rss_gb"] / 4, Target(1, at_least=False)))
-    if ctx.args.cached_run_log:
-        rerun = read_run_log(ctx.args.cached_run_log)
+            ratios.append(ratio("run peak RSS ÷ 4 GB", run["peak_rss_gb"] / 4, Target(1, at_least=False)))
+    if rerun:
         measured["cached_rerun"] = rerun
         seconds, clock = run_seconds(rerun)
         ratios.append(ratio(f"fully cached rerun time ÷ 1 minute ({clock})", seconds / MINUTE,
                             Target(1, at_least=False)))
-    ratios.append(ratio("this bench's peak RSS ÷ 4 GB", bench_rss / 4, Target(1, at_least=False)))
-    if not ctx.args.run_log:
-        measured["note"] = "no --run-log given: the run's stage times are not reported"
+    # No target: the 4 GB is the run's budget, and this process holds every section's models.
+    ratios.append(ratio("this bench process's own peak RSS ÷ 4 GB (not the run's)", bench_rss / 4))
+    if not run:
+        measured["note"] = "--no-run: the default run was not measured (no stage times, run time or run peak RSS)"
     return {"ratios": ratios, "measured": measured}
 
 
@@ -736,6 +780,8 @@ def markdown(result: dict) -> str:
         for r in section["ratios"]:
             met = "" if r["met"] is None else ("met" if r["met"] else "not met")
             lines.append(f"| {r['figure']} | {r['value']:.3g} | {r['target'] or ''} | {met} |")
+        if "note" in section.get("measured", {}):
+            lines += ["", f"Note: {section['measured']['note']}."]
         if "agreement" in section:
             checks = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in section["agreement"].items())
@@ -779,8 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--memory-rows", type=positive_int, default=16,
         help="longest training rows per task, trained with and without gradient checkpointing (memory)")
     bench_merge.add_arguments(parser)
-    add("--run-log", type=Path, help="output of a finished `loracombench run` (its `stages:` line gives stage times)")
-    add("--cached-run-log", type=Path, help="output of the same run repeated with everything cached")
+    add("--run-log", type=Path, help="output of a finished `loracombench run` (its `stages:` line gives stage "
+                                     "times), read instead of running the default run here")
+    add("--cached-run-log", type=Path, help="with --run-log: output of the same run repeated with everything cached")
+    add("--no-run", action="store_true", help="do not run the default run (the run section then reports no run)")
     return parser
 
 
@@ -791,6 +839,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.out_dir = DEFAULT_OUT if args.model == DEFAULT_MODEL else DEFAULT_OUT / Path(args.model).name
     try:
         names = select_sections(args.only)
+        if args.cached_run_log and not args.run_log:
+            raise BenchError("--cached-run-log needs --run-log (without either, the bench runs both runs itself)")
+        if args.no_run and args.run_log:
+            raise BenchError("--no-run and --run-log contradict each other: give one")
         for log in (args.run_log, args.cached_run_log):  # a bad log fails now, not after the other sections
             if log is not None:
                 read_run_log(log)
@@ -802,7 +854,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"setup": setup(args), "sections": {}}
     for name in names:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
-        section, seconds = timed(lambda: SECTIONS[name](ctx))
+        try:
+            section, seconds = timed(lambda: SECTIONS[name](ctx))
+        except BenchError as err:  # the sections before it are saved already
+            parser.exit(2, f"{parser.prog}: error in section {name}: {err}\n")
         result["sections"][name] = {**section, "section_seconds": round(seconds, 1)}
         # Written after every section, so that a long bench cut short keeps what it measured.
         io.write_json(args.out_dir / "bench.json", result)
