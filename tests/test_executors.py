@@ -44,6 +44,35 @@ def test_ray_executor_without_ray_names_the_extra_and_writes_nothing(tmp_path, s
     assert not out.exists()
 
 
+def test_the_cells_that_run_the_base_model_ask_for_a_gpu_and_no_other_does(tmp_path, small_mirror):
+    """What the Ray executor gives a GPU (when the cluster has one): training and evaluation ask,
+    a static merge (weights only) and a classical baseline do not."""
+    from loracombench.executors import SerialExecutor
+
+    asked = {}
+
+    class Recording(SerialExecutor):
+        def run(self, cells) -> None:
+            asked.update({cell.what.split(" ")[0]: cell.gpu for cell in cells})
+            super().run(cells)
+
+    config = ExperimentConfig(**{**SMOKE, "baselines": True, "data_dir": str(small_mirror)})
+    Experiment(config, tmp_path / "run", progress=False, executor=Recording()).run()
+    assert asked == {"train": True, "merge": False, "eval": True, "baseline": False}, asked
+
+
+def test_a_serial_run_loads_the_base_model_once(tmp_path, small_mirror, monkeypatch):
+    """Every cell (two experts, a merge, eight evaluations, six baselines) borrows one loaded base."""
+    from loracombench import pipeline
+
+    loads = []
+    real = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    config = ExperimentConfig(**{**SMOKE, "baselines": True, "data_dir": str(small_mirror)})
+    Experiment(config, tmp_path / "run", progress=False).run()
+    assert len(loads) == 1 and len(list((tmp_path / "run" / "eval").glob("*/*/metrics.json"))) == 8 + 6
+
+
 def test_without_an_address_the_ray_executor_starts_its_own_ray_whatever_is_running(tmp_path):
     """As --ray-address's help says: plain ray.init() would join a Ray already running on the
     machine (or named by RAY_ADDRESS; here one that does not answer) and refuse num_cpus there."""

@@ -27,8 +27,11 @@ def pid_cell(folder, gpu: bool) -> Cell:
     def compute():
         import os
 
+        import ray
+
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "pid").write_text(str(os.getpid()))
+        (folder / "gpus").write_text(",".join(str(i) for i in ray.get_gpu_ids()))
 
     return Cell(f"pid {folder.name}", folder, "key", compute, gpu=gpu)
 
@@ -40,3 +43,12 @@ def test_each_gpu_cell_runs_in_a_fresh_ray_worker(tmp_path, ray_with_gpus):
     RayExecutor(cpus_per_cell=0.5).run([pid_cell(folder, gpu=True) for folder in folders])
     pids = [int((folder / "pid").read_text()) for folder in folders]
     assert len(set(pids)) == len(pids), pids
+
+
+def test_a_cell_that_runs_the_model_is_given_one_gpu_and_any_other_none(tmp_path, ray_with_gpus):
+    from loracombench.executors import RayExecutor
+
+    cells = {"model": pid_cell(tmp_path / "model", gpu=True), "merge": pid_cell(tmp_path / "merge", gpu=False)}
+    RayExecutor(cpus_per_cell=0.5).run(list(cells.values()))
+    given = {name: (cell.folder / "gpus").read_text() for name, cell in cells.items()}
+    assert len(given["model"].split(",")) == 1 and given["model"] != "" and given["merge"] == "", given
