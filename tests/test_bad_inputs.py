@@ -400,3 +400,21 @@ def test_eval_scores_the_default_presets_sample_unless_told_otherwise(tmp_path, 
                  "--out", str(tmp_path / "given")]) == 0
     given = metrics.read_result(tmp_path / "given")["config"]
     assert (given["n_eval"], given["n_generate"], given["seed"], given["batch_size"]) == (2, 0, 3, 2)
+
+
+def test_eval_takes_a_precision_and_refuses_one_the_device_lacks(tmp_path, small_mirror, capsys):
+    tiny = ["eval", "--task", "ag_news", "--model", "tiny-llama", "--data-dir", str(small_mirror), "--n-eval", "4"]
+    assert main([*tiny, "--dtype", "fp16", "--out", str(tmp_path / "fp16")]) == 2
+    assert "--dtype fp16 needs a CUDA device" in capsys.readouterr().err and not (tmp_path / "fp16").exists()
+    assert main([*tiny, "--dtype", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    assert metrics.read_result(tmp_path / "bf16")["config"]["dtype"] == "bf16"
+
+
+def test_train_records_where_its_rows_came_from(tmp_path, small_mirror, monkeypatch):
+    """The mirror's absolute path (as a run records it), also when $LORACOMBENCH_DATA_DIR names it:
+    not "default" for mirror and hub alike."""
+    monkeypatch.setenv("LORACOMBENCH_DATA_DIR", str(small_mirror))
+    assert main(["train", "--task", "ag_news", "--model", "tiny-llama",
+                 "--n-train", "4", "--epochs", "1", "--batch-size", "4", "--max-length", "32",
+                 "--out", str(tmp_path / "adapter")]) == 0
+    assert adapters.read_metadata(tmp_path / "adapter")["data"] == str(small_mirror.resolve())

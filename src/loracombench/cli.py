@@ -90,6 +90,12 @@ def _data_input(data_dir) -> Path | None:
     return resolve_data_dir(data_dir)
 
 
+def _data_source(data_dir) -> str:
+    """Where rows come from, as a run records it: the mirror's absolute path, else "hub"."""
+    folder = _data_input(data_dir)
+    return str(folder.resolve()) if folder else "hub"
+
+
 def _print_table(rows: list[dict]) -> None:
     if not rows:
         return
@@ -159,7 +165,7 @@ def cmd_train(args) -> int:
     check_target_modules(loaded.model, config.target_modules, "--target-modules")
     with distributed.session(args.device) as world:
         meta = train_adapter(loaded, task, rows, config, out, args.device, dtype=dtype,
-                             extra_metadata={"data_seed": args.data_seed, "data": str(args.data_dir or "default")})
+                             extra_metadata={"data_seed": args.data_seed, "data": _data_source(args.data_dir)})
     if world.is_main:
         print(f"saved adapter to {out} (final loss {meta['final_loss']:.4f}, {meta['train_time_s']:.0f} s"
               f"{f', {world.size} processes' if world.size > 1 else ''})")
@@ -182,8 +188,9 @@ def eval_settings(args, task: str) -> dict:
 def cmd_eval(args) -> int:
     from . import adapters, io
     from .data import load_sample
+    from .config import load_config
     from .evaluation import EvalConfig, evaluate
-    from .models import check_device, load_model
+    from .models import check_device, dtype_name, load_model, resolve_dtype
     from .outputs import check_out
     from .tasks import get_task
 
@@ -192,11 +199,12 @@ def cmd_eval(args) -> int:
               inputs={"--adapter": args.adapter, "--data-dir": _data_input(args.data_dir),
                       "--model": _local_path(args.model)})
     device = check_device(args.device)
+    precision = dtype_name(resolve_dtype(args.dtype or load_config().dtype, device))
     settings = eval_settings(args, task.name)
     rows = load_sample(task, settings["split"], settings["n_eval"], settings["seed"], args.data_dir, what="--n-eval")
     # Recorded as what was generated: never more than the rows evaluated (None: all of them).
     n_generate = len(rows) if settings["n_generate"] is None else min(settings["n_generate"], len(rows))
-    config = EvalConfig(**{**settings, "n_generate": n_generate})
+    config = EvalConfig(**{**settings, "n_generate": n_generate, "dtype": precision})
     if args.adapter:  # its error before the model's: the adapter is the likelier mistake, and cheap to read
         try:
             adapters.read_adapter(args.adapter)
@@ -405,6 +413,12 @@ def _add_model_args(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
 
 
+def _add_dtype_arg(parser, preset: str) -> None:
+    parser.add_argument("--dtype", default=None,
+                        help=f"forward-pass precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (runs on CPU, "
+                             f"but slowly without AVX-512 bf16) or fp16 (CUDA only) {preset}")
+
+
 def _add_remote_code_consent(parser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow custom model code when the config sets trust_remote_code: true "
@@ -448,9 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loracombench.cli train ... (same global batch as one process).")
     p.add_argument("--task", required=True, help="ag_news or gsm8k")
     _add_model_args(p)
-    p.add_argument("--dtype", default=None,
-                   help=f"forward-pass precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (runs on CPU, but "
-                        f"slowly without AVX-512 bf16) or fp16 (CUDA only) {preset}")
+    _add_dtype_arg(p, preset)
     _add_data_arg(p)
     p.add_argument("--n-train", type=count(1), default=None,
                    help=f"seeded (stratified) training sample; default all ({SAMPLE_HELP})")
@@ -487,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default run's table.")
     p.add_argument("--task", required=True, help="ag_news or gsm8k")
     _add_model_args(p)
+    _add_dtype_arg(p, preset)
     _add_data_arg(p)
     p.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder (default: the base model)")
     p.add_argument("--label", default=None, help="name of the model in the result file")
