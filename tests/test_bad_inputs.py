@@ -410,6 +410,17 @@ def test_eval_takes_a_precision_and_refuses_one_the_device_lacks(tmp_path, small
     assert metrics.read_result(tmp_path / "bf16")["config"]["dtype"] == "bf16"
 
 
+def test_eval_records_which_adapter_weights_it_scored(tmp_path, small_mirror):
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--task", "ag_news", "--model", "tiny-llama", "--data-dir", str(small_mirror),
+                 "--n-train", "4", "--epochs", "1", "--batch-size", "4", "--max-length", "32",
+                 "--out", str(adapter)]) == 0
+    assert main(["eval", "--task", "ag_news", "--model", "tiny-llama", "--data-dir", str(small_mirror),
+                 "--n-eval", "4", "--adapter", str(adapter), "--out", str(tmp_path / "eval")]) == 0
+    weights = hashlib.sha256((adapter / adapters.WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert metrics.read_result(tmp_path / "eval")["model"]["adapter_weights_sha256"] == weights
+
+
 def test_train_records_where_its_rows_came_from(tmp_path, small_mirror, monkeypatch):
     """The mirror's absolute path (as a run records it), also when $LORACOMBENCH_DATA_DIR names it:
     not "default" for mirror and hub alike."""

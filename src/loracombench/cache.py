@@ -38,7 +38,7 @@ def code_versions(libraries: tuple[str, ...] = MODEL_LIBRARIES) -> dict:
     return versions
 
 
-def _digest(file: Path) -> dict:
+def file_digest(file: Path) -> dict:
     sha = hashlib.sha256()
     with file.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -54,7 +54,7 @@ def _outputs(folder: Path) -> list[Path]:
 def record_outputs(folder: str | Path, key: str) -> Path:
     """Mark a completed cell: its key and every file's size and hash, written last."""
     folder = Path(folder)
-    files = {f.relative_to(folder).as_posix(): _digest(f) for f in _outputs(folder)}
+    files = {f.relative_to(folder).as_posix(): file_digest(f) for f in _outputs(folder)}
     return io.write_json(folder / MANIFEST, {"schema": SCHEMA, "key": key, "files": files})
 
 
@@ -76,7 +76,7 @@ def stale_reason(folder: str | Path, key: str) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != expected["size"]:
             return f"{name} changed size ({file.stat().st_size} bytes, {expected['size']} recorded)"
-        if _digest(file)["sha256"] != expected["sha256"]:
+        if file_digest(file)["sha256"] != expected["sha256"]:
             return f"{name} changed content (SHA-256 differs from the recorded one)"
     return None
 

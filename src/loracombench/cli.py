@@ -188,6 +188,7 @@ def eval_settings(args, task: str) -> dict:
 def cmd_eval(args) -> int:
     from . import adapters, io
     from .data import load_sample
+    from .cache import file_digest
     from .config import load_config
     from .evaluation import EvalConfig, evaluate
     from .models import check_device, dtype_name, load_model, resolve_dtype
@@ -215,7 +216,10 @@ def cmd_eval(args) -> int:
     model.to(device)
     label = args.label or (Path(args.adapter).name if args.adapter else "base")
     info = {"label": label, "kind": "adapter" if args.adapter else "base", "base_model": loaded.fingerprint,
-            "adapter": str(args.adapter) if args.adapter else None}
+            "adapter": str(args.adapter) if args.adapter else None,
+            # The path says where the adapter was, the hash which weights were scored.
+            "adapter_weights_sha256": file_digest(Path(args.adapter) / adapters.WEIGHTS_FILE)["sha256"]
+            if args.adapter else None}
     with io.atomic_dir(args.out) as staging:
         record = evaluate(model, loaded.tokenizer, task, rows, config, info, out_dir=staging)
     for name, value in record["metrics"].items():
