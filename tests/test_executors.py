@@ -68,6 +68,7 @@ def test_a_serial_run_loads_the_base_model_once(tmp_path, small_mirror, monkeypa
     loads = []
     real = pipeline.load_model
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    monkeypatch.setattr(pipeline, "_SHARED_BASES", {})  # as in a fresh process: no base from other tests
     config = ExperimentConfig(**{**SMOKE, "baselines": True, "data_dir": str(small_mirror)})
     Experiment(config, tmp_path / "run", progress=False).run()
     assert len(loads) == 1 and len(list((tmp_path / "run" / "eval").glob("*/*/metrics.json"))) == 8 + 6
