@@ -251,6 +251,41 @@ def test_a_cell_manifest_detects_every_damage(tmp_path):
     assert cache.stale_reason(tmp_path / "never", "k1") == cache.NOT_COMPUTED
 
 
+def replaceable_commands(tmp_path: Path, mirror: Path) -> dict[str, list[str]]:
+    """Every command whose --out --overwrite replaces wholesale, on the tiny models and a small mirror."""
+    a, b = make_adapter(tmp_path / "a", 1), make_adapter(tmp_path / "b", 2)
+    tiny, data = ["--model", "tiny-llama"], ["--data-dir", str(mirror)]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**SMOKE, "model": "tiny-llama"}))
+    return {"train": ["train", "--task", "ag_news", *tiny, *data, "--n-train", "4", "--epochs", "1",
+                      "--batch-size", "4", "--max-length", "32"],
+            "merge": ["merge", "--adapters", str(a), str(b)],
+            "eval": ["eval", "--task", "ag_news", *tiny, *data, "--n-eval", "4"],
+            "baseline": ["baseline", "--task", "ag_news", *data, "--n-train", "8", "--n-eval", "4"],
+            "diagnose": ["diagnose", "--adapters", str(a), str(b)],
+            "eda": ["eda", *data, "--no-tokens"],
+            "verbalizers": ["verbalizers", *data, "--config", str(config), "--candidates", "A,B,C,D",
+                            "--n-validation", "4"]}
+
+
+@pytest.mark.parametrize("command", ["train", "merge", "eval", "baseline", "diagnose", "eda", "verbalizers"])
+def test_overwrite_replaces_only_what_the_command_writes(command, tmp_path, small_mirror, capsys):
+    """--overwrite replaces an earlier output of the same command, and nothing else: a file or
+    folder the user put beside it is never deleted with it (the command is refused instead)."""
+    out = tmp_path / "out"
+    argv = [*replaceable_commands(tmp_path, small_mirror)[command], "--out", str(out)]
+    assert main(argv) == 0
+    assert main([*argv, "--overwrite"]) == 0  # its own output is replaceable whole
+    (out / "my_notes.txt").write_text("mine")
+    (out / "my_analysis").mkdir()
+    before = tree_digest(out)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert "my_analysis/, my_notes.txt" in error and "--overwrite would delete it" in error
+    assert tree_digest(out) == before
+
+
 def test_merge_replaces_an_earlier_merge_only_with_overwrite(tmp_path, capsys):
     a, b = make_adapter(tmp_path / "a", 1), make_adapter(tmp_path / "b", 2)
     out = tmp_path / "merged"

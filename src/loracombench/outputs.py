@@ -1,7 +1,8 @@
 """Where a command may write: the one check every `--out` passes before any work starts.
 
 An output location is accepted when it does not exist yet or is an empty folder. An earlier
-output of the same kind is replaced only with --overwrite (a run folder is resumed instead).
+output of the same kind is replaced only with --overwrite, and only while it holds nothing but
+what the command writes (a run folder is resumed instead).
 Everything else is refused with one line that says why and how to proceed: an existing file,
 a folder that holds something else, or a place that is, contains or lies inside one of the
 command's own inputs (writing there would change or delete the input).
@@ -27,6 +28,10 @@ class OutputKind:
     recognise: Callable[[Path], bool]
     # A run folder is resumed by the next run, never replaced wholesale.
     resumed: bool = False
+    # Whether an entry of an earlier output's folder is one the command writes: --overwrite
+    # replaces the whole folder, so it is refused while the folder holds anything else.
+    # Required of every kind that is replaced rather than resumed.
+    writes: Callable[[Path], bool] | None = None
 
 
 def _json_field(file: Path, *keys: str):
@@ -69,12 +74,34 @@ def _has_file(name: str) -> Callable[[Path], bool]:
     return lambda folder: (folder / name).is_file()
 
 
+def _files(*names: str) -> Callable[[Path], bool]:
+    return lambda entry: entry.is_file() and entry.name in names
+
+
+# What `train` and `merge` save: PEFT's files (its model card included), ours, the loss curve.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "loracombench.json")
+RESULT_FILES = ("metrics.json", "predictions.jsonl")
+
+
+def _baseline_result(entry: Path) -> bool:
+    return entry.is_dir() and {f.name for f in entry.iterdir() if f.is_file()} == set(RESULT_FILES) \
+        and all(f.is_file() for f in entry.iterdir())
+
+
+def _eda_file(entry: Path) -> bool:
+    """eda_stats.json and the plots it lists."""
+    plots = _json_field(entry.parent / "eda_stats.json", "plots") or []
+    return entry.is_file() and (entry.name == "eda_stats.json" or entry.name in plots)
+
+
 KINDS: dict[str, OutputKind] = {}
 
 
 def register(kind: OutputKind) -> None:
     if kind.name in KINDS:
         raise ValueError(f"output kind {kind.name!r} is already registered")
+    if not kind.resumed and kind.writes is None:
+        raise ValueError(f"output kind {kind.name!r} is replaced by --overwrite, so it must say what it writes")
     KINDS[kind.name] = kind
 
 
@@ -85,17 +112,20 @@ def get_kind(name: str) -> OutputKind:
         raise ValueError(f"unknown output kind {name!r}; valid: {', '.join(sorted(KINDS))}") from None
 
 
-register(OutputKind("adapter", "a trained adapter", _adapter_of("trained")))
-register(OutputKind("merge", "a merged adapter", _adapter_of("merge")))
-register(OutputKind("eval", "an evaluation result", _is_result))
-register(OutputKind("baseline", "baseline results", _is_baseline_results))
-register(OutputKind("diagnostics", "adapter diagnostics", _has_file("diagnostics.json")))
-register(OutputKind("eda", "a dataset analysis", _has_file("eda_stats.json")))
+register(OutputKind("adapter", "a trained adapter", _adapter_of("trained"),
+                    writes=_files(*ADAPTER_FILES, "loss_curve.json", "loss_curve.png")))
+register(OutputKind("merge", "a merged adapter", _adapter_of("merge"), writes=_files(*ADAPTER_FILES)))
+register(OutputKind("eval", "an evaluation result", _is_result, writes=_files(*RESULT_FILES)))
+register(OutputKind("baseline", "baseline results", _is_baseline_results, writes=_baseline_result))
+register(OutputKind("diagnostics", "adapter diagnostics", _has_file("diagnostics.json"),
+                    writes=_files("diagnostics.json", "diagnostics.png")))
+register(OutputKind("eda", "a dataset analysis", _has_file("eda_stats.json"), writes=_eda_file))
 register(OutputKind("run", "a loracombench run", _is_run, resumed=True))
 register(OutputKind("sweep", "a learning-rate sweep",
                     lambda folder: (folder / "sweep.json").is_file() or any(folder.glob("lr*/adapters")),
                     resumed=True))
-register(OutputKind("verbalizers", "a label-word comparison", _has_file("verbalizers.json")))
+register(OutputKind("verbalizers", "a label-word comparison", _has_file("verbalizers.json"),
+                    writes=_files("verbalizers.json", "verbalizers.md")))
 
 
 def _is_empty(folder: Path) -> bool:
@@ -136,5 +166,12 @@ def check_out(out: str | Path, kind: str, *, overwrite: bool = False,
     if not kind_.resumed and not overwrite:
         raise OutputError(f"{flag} {out} already holds {kind_.description}; pass --overwrite to replace it, "
                           f"or choose another folder")
+    if not kind_.resumed:
+        others = sorted(e.name + ("/" if e.is_dir() else "") for e in out.iterdir()
+                        if not io.is_leftover(e.name) and not kind_.writes(e))
+        if others:
+            raise OutputError(f"{flag} {out} holds {kind_.description} and also what this command does not write "
+                              f"({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}): --overwrite would "
+                              f"delete it; move it out of {out} first, or choose another folder (nothing was written)")
     io.create_only(out, False)
     return out
