@@ -8,8 +8,8 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from loracombench import metrics
-from loracombench.report import build_report, seeded_rows
+from loracombench import metrics, report
+from loracombench.report import seeded_rows
 from loracombench.tasks import TASKS, ReportMetric, Task, register
 
 N_AG, N_GSM, N_GENERATED = 24, 10, 6
@@ -51,6 +51,12 @@ def write_model(run, label: str, kind: str, seed, results: dict, relative_error:
                                        primary_metric=TASKS[task].primary_metric, chance=TASKS[task].chance)
         metrics.write_result(run / "eval" / slug / task, record, rows,
                              [{"text": f"example {r['index']}"} for r in rows])
+
+
+def build_report(run):
+    """As a finished run leaves it: every result folder written is one of its current cells."""
+    report.write_current_results(run, sorted(p.parent for p in run.glob("eval/*/*/metrics.json")))
+    return report.build_report(run)
 
 
 def span(stop: int, start: int = 0) -> set[int]:

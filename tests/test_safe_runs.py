@@ -173,6 +173,35 @@ def test_a_changed_config_that_stopped_before_its_end_gets_no_mixed_report(tmp_p
     assert main(["report", str(out)]) == 0
 
 
+def test_an_unfinished_first_run_is_reported_only_when_asked_and_then_says_so(tmp_path, small_mirror, capsys,
+                                                                              monkeypatch):
+    """Stopped in its evaluations, a first run has some results and no list of its cells: a table
+    of them would pass for the whole run's (found by killing runs at random moments)."""
+    out = tmp_path / "run"
+    argv = ["run", "--config", str(write_config(tmp_path)), "--data-dir", str(small_mirror), "--out", str(out)]
+    from loracombench import pipeline
+
+    evaluated = []
+    real = pipeline.evaluate_composed
+
+    def stop_after_three(*args, **kwargs):
+        if len(evaluated) == 3:
+            raise KeyboardInterrupt
+        evaluated.append(args)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "evaluate_composed", stop_after_three)
+        assert main(argv) == 130
+    assert len(list(out.glob("eval/*/*/metrics.json"))) == 3
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    assert "its run has not finished" in capsys.readouterr().err and not (out / "results.md").exists()
+    assert main(["report", str(out), "--partial"]) == 0
+    assert (out / "results.md").read_text().startswith("**Partial: the run in this folder has not finished.**")
+    assert main(argv) == 0 and "Partial" not in (out / "results.md").read_text()
+
+
 def test_a_second_run_on_a_locked_folder_exits_2_and_changes_nothing(tmp_path, small_mirror, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(

@@ -401,7 +401,7 @@ def verbalizer_candidates(task_name: str, texts: list[str]) -> list[tuple[str, .
 def cmd_report(args) -> int:
     from .report import build_report
 
-    run_dir = build_report(args.run_dir)
+    run_dir = build_report(args.run_dir, partial=args.partial)
     print((run_dir / "results.md").read_text())
     print(f"plot: {run_dir / 'results.png'}")
     return 0
@@ -583,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verbalizers)
 
     p = sub.add_parser("report", help="rebuild results.csv/.md/.png of a run folder from its result files")
-    p.add_argument("run_dir", type=Path, help="the folder of a finished or interrupted `loracombench run`")
+    p.add_argument("run_dir", type=Path, help="the folder of a finished `loracombench run`")
+    p.add_argument("--partial", action="store_true",
+                   help="report an unfinished run's results so far (the table then says it is partial)")
     p.set_defaults(func=cmd_report)
 
     add_analysis_parsers(sub)

@@ -82,11 +82,22 @@ def _all_results(run_dir: Path) -> list[str]:
     return [f.parent.relative_to(run_dir).as_posix() for f in sorted(run_dir.glob("eval/*/*/metrics.json"))]
 
 
-def current_results(run_dir: str | Path) -> list[str]:
-    """The run's current result folders: those its manifest lists, else (an older run) every one."""
+class UnfinishedRunError(ValueError):
+    """A run folder whose run has not finished yet: its table would pass for a whole one."""
+
+
+def current_results(run_dir: str | Path, partial: bool = False) -> list[str]:
+    """The run's current result folders: those its manifest lists. A run writes config.json when
+    it starts and the manifest when it ends: in between (an interrupted first run) every result
+    there is taken only if `partial`. Without either file (not a run's folder), every result."""
     run_dir = Path(run_dir)
     manifest = run_dir / CURRENT_RESULTS
     if not manifest.is_file():
+        if not partial and (run_dir / "config.json").is_file():
+            raise UnfinishedRunError(
+                f"{run_dir}: its run has not finished ({CURRENT_RESULTS}, written when a run ends, is missing), "
+                f"so a table of the {len(_all_results(run_dir))} result(s) there would look like the whole run's; "
+                f"rerun `loracombench run` to finish it (finished cells are kept), or pass --partial")
         return _all_results(run_dir)
     recorded = io.read_json(manifest)
     if not isinstance(recorded, dict) or recorded.get("schema") != CURRENT_SCHEMA:
@@ -101,17 +112,19 @@ def current_results(run_dir: str | Path) -> list[str]:
 
 def stale_results(run_dir: str | Path) -> list[str]:
     """Result folders under eval/ that are not among the run's current cells."""
+    if not (Path(run_dir) / CURRENT_RESULTS).is_file():
+        return []  # an unfinished run's partial report shows every result there
     current = set(current_results(run_dir))
     return [name for name in _all_results(Path(run_dir)) if name not in current]
 
 
-def collect(run_dir: str | Path) -> list[dict]:
-    """One record per current (model, task) result of the run folder."""
+def collect(run_dir: str | Path, partial: bool = False) -> list[dict]:
+    """One record per current (model, task) result of the run folder (see current_results)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such run folder")
     records = []
-    for name in current_results(run_dir):
+    for name in current_results(run_dir, partial):
         if not (run_dir / name / "metrics.json").is_file():
             raise ValueError(f"{run_dir}/{CURRENT_RESULTS} lists {name}, but its metrics.json is missing; "
                              f"rerun `loracombench run` to recompute it")
@@ -650,13 +663,19 @@ def run_compare_with(run_dir: Path) -> tuple[str, ...]:
     return tuple(io.read_json(config).get("compare_with", [])) if config.is_file() else ()
 
 
-def build_report(run_dir: str | Path) -> Path:
+def build_report(run_dir: str | Path, partial: bool = False) -> Path:
+    """results.csv, .md and .png of a finished run; of an unfinished one only if `partial`, and
+    then its Markdown says so first."""
     run_dir = Path(run_dir)
-    records = collect(run_dir)
+    records = collect(run_dir, partial)
     predictions = load_predictions(run_dir, records)
     comparisons = paired_comparisons(records, predictions, run_compare_with(run_dir))
     retention = retention_rows(records, predictions)
+    unfinished = (run_dir / "config.json").is_file() and not (run_dir / CURRENT_RESULTS).is_file()
+    heading = (f"**Partial: the run in this folder has not finished.** These are the {len(records)} results "
+               f"it had written; its config may hold more models, seeds and baselines.\n\n" if unfinished else "")
     write_csv(long_rows(records, comparisons, retention), run_dir / "results.csv")
-    io.write_text(run_dir / "results.md", report_markdown(records, comparisons, retention) + stale_note(run_dir))
+    io.write_text(run_dir / "results.md",
+                  heading + report_markdown(records, comparisons, retention) + stale_note(run_dir))
     plot(records, run_dir / "results.png")
     return run_dir
