@@ -574,21 +574,32 @@ def run_floor_ratios(ctx: Context, run: dict) -> tuple[list[dict], dict]:
 RUN_CONFIG = "default"  # the run the issue's budgets are for (a test points it at a tiny config)
 
 
+# `loracombench <argv>`, then its own peak RSS as GNU time -v words it. VmHWM is the high-water
+# mark of this process's memory since its exec; the maxrss that wait4 reports for a child also
+# counts the memory it was started from (the bench's, often GBs above the run's).
+RUN_REPORTING_ITS_PEAK = """import sys
+from loracombench.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"\\tMaximum resident set size (kbytes): {peak}", flush=True)
+sys.exit(code)
+"""
+
+
 def timed_run(argv: list[str], log: Path, kept: Path) -> dict:
     """`loracombench <argv>` in a child process, its output written to `log` and, once it ended,
-    copied to `kept`: read_run_log's figures, with the child's own wall time and peak RSS
-    (os.wait4 reports that child's alone, so the bench's memory is not counted)."""
+    copied to `kept`: read_run_log's figures, with the child's wall time and its own peak RSS."""
     started = time.perf_counter()
     with log.open("w", encoding="utf-8") as out:
-        child = subprocess.Popen([sys.executable, "-m", "loracombench.cli", *argv], stdout=out,
-                                 stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        returncode = subprocess.run([sys.executable, "-c", RUN_REPORTING_ITS_PEAK, *argv], stdout=out,
+                                    stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - started
     io.write_text(kept, log.read_text(encoding="utf-8"))
-    if child.returncode != 0:
-        raise BenchError(f"`loracombench {' '.join(argv)}` exited with {child.returncode}; its output: {kept}")
-    return {**read_run_log(kept), "wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / GB}  # Linux: kB
+    if returncode != 0:
+        raise BenchError(f"`loracombench {' '.join(argv)}` exited with {returncode}; its output: {kept}")
+    return {**read_run_log(kept), "wall_s": wall}
 
 
 def measure_default_run(ctx: Context) -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,12 +251,14 @@ def test_the_bench_runs_the_run_and_its_cached_rerun_in_child_processes(tmp_path
     monkeypatch.setattr(bench, "RUN_CONFIG", str(write_config(tmp_path)))
     out = tmp_path / "bench"
     args = SimpleNamespace(model="tiny-llama", data_dir=small_mirror, out_dir=out)
+    held = np.ones(2 * 2**30 // 8)  # 2 GB in the bench process: the run's own figure must not count it
     run, rerun = bench.measure_default_run(SimpleNamespace(args=args))
+    del held
     assert run["computed_cells"]["train"] == {"ag_news": 1, "gsm8k": 1}
     assert run["computed_cells"]["evaluate"] == {"ag_news": 4, "gsm8k": 4}
     assert rerun["computed_cells"] == {"train": {}, "evaluate": {}}
     for measured in (run, rerun):
-        assert measured["wall_s"] > measured["total_s"] - 1 and 0.1 < measured["peak_rss_gb"] < 8
+        assert measured["wall_s"] > measured["total_s"] - 1 and 0.1 < measured["peak_rss_gb"] < 1.5
     assert "stages:" in (out / "run.log").read_text() and "cached" in (out / "cached-run.log").read_text()
 
 
