@@ -307,11 +307,12 @@ def test_overwrite_replaces_only_what_the_command_writes(command, tmp_path, smal
     assert main([*argv, "--overwrite"]) == 0  # its own output is replaceable whole
     (out / "my_notes.txt").write_text("mine")
     (out / "my_analysis").mkdir()
+    (out / "README.md").write_text("# my notes on this output\n")  # train's own is PEFT's model card
     before = tree_digest(out)
     capsys.readouterr()
     assert main([*argv, "--overwrite"]) == 2
     error = capsys.readouterr().err
-    assert "my_analysis/, my_notes.txt" in error and "--overwrite would delete it" in error
+    assert "(README.md, my_analysis/, my_notes.txt)" in error and "--overwrite would delete it" in error
     assert tree_digest(out) == before
 
 

@@ -78,9 +78,20 @@ def _files(*names: str) -> Callable[[Path], bool]:
     return lambda entry: entry.is_file() and entry.name in names
 
 
-# What `train` and `merge` save: PEFT's files (its model card included), ours, the loss curve.
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "loracombench.json")
+# What `merge` saves, and `train` too, with PEFT's model card and the loss curve.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "loracombench.json")
 RESULT_FILES = ("metrics.json", "predictions.jsonl")
+
+
+def _trained_adapter_file(entry: Path) -> bool:
+    """A file `train` writes; a README.md only as PEFT writes it (a model card naming the library),
+    so that the user's own notes under that name are not taken for it."""
+    if entry.name == "README.md" and entry.is_file():
+        try:
+            return "library_name: peft" in entry.read_text(encoding="utf-8", errors="replace")[:2000]
+        except OSError:
+            return False
+    return _files(*ADAPTER_FILES, "loss_curve.json", "loss_curve.png")(entry)
 
 
 def _baseline_result(entry: Path) -> bool:
@@ -112,8 +123,7 @@ def get_kind(name: str) -> OutputKind:
         raise ValueError(f"unknown output kind {name!r}; valid: {', '.join(sorted(KINDS))}") from None
 
 
-register(OutputKind("adapter", "a trained adapter", _adapter_of("trained"),
-                    writes=_files(*ADAPTER_FILES, "loss_curve.json", "loss_curve.png")))
+register(OutputKind("adapter", "a trained adapter", _adapter_of("trained"), writes=_trained_adapter_file))
 register(OutputKind("merge", "a merged adapter", _adapter_of("merge"), writes=_files(*ADAPTER_FILES)))
 register(OutputKind("eval", "an evaluation result", _is_result, writes=_files(*RESULT_FILES)))
 register(OutputKind("baseline", "baseline results", _is_baseline_results, writes=_baseline_result))
