@@ -474,3 +474,19 @@ def test_a_mean_over_seeds_says_how_many_seeds_it_is_over_when_some_have_no_valu
              ("merge: ties", 2): [{"value": 0.6}, {"value": 0.75}]}
     mean_row = seeded_rows(cells, records)[-1]
     assert mean_row == ["merge: ties: mean ± std over 3 seeds", "0.600 ± 0.100", "0.500 ± 0.354 (2 of 3 seeds)"]
+
+
+def test_a_run_by_code_older_than_its_lists_is_reported_whole_and_not_called_partial(tmp_path):
+    """Runs made before current_results.json (and cell manifests) existed are finished runs: every
+    result is shown, as before; only a run that keeps manifests but has no list is unfinished."""
+    from loracombench import cache
+
+    run = tmp_path / "run"
+    write_model(run, "base", "base", None, {"ag_news": ag_news_result(span(6))})
+    write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))})
+    (run / "config.json").write_text('{"model": "tiny-llama", "tasks": ["ag_news"], "merges": []}')
+    report.build_report(run)
+    assert "Partial" not in (run / "results.md").read_text()
+    cache.record_outputs(run / "eval" / "base" / "ag_news", "key")  # a cell of today's code: unfinished
+    with pytest.raises(report.UnfinishedRunError, match="its run has not finished"):
+        report.build_report(run)

@@ -89,11 +89,12 @@ class UnfinishedRunError(ValueError):
 def current_results(run_dir: str | Path, partial: bool = False) -> list[str]:
     """The run's current result folders: those its manifest lists. A run writes config.json when
     it starts and the manifest when it ends: in between (an interrupted first run) every result
-    there is taken only if `partial`. Without either file (not a run's folder), every result."""
+    there is taken only if `partial`. A folder that is no run, or a run by code older than the
+    manifest (it kept no cell manifests either), gives every result."""
     run_dir = Path(run_dir)
     manifest = run_dir / CURRENT_RESULTS
     if not manifest.is_file():
-        if not partial and (run_dir / "config.json").is_file():
+        if not partial and _unfinished(run_dir):
             raise UnfinishedRunError(
                 f"{run_dir}: its run has not finished ({CURRENT_RESULTS}, written when a run ends, is missing), "
                 f"so a table of the {len(_all_results(run_dir))} result(s) there would look like the whole run's; "
@@ -108,6 +109,12 @@ def current_results(run_dir: str | Path, partial: bool = False) -> list[str]:
         raise ValueError(f"{manifest} lists the results of another config than {run_dir}/config.json: a run with a "
                          f"changed config stopped before it finished; rerun it to finish (its finished cells are kept)")
     return list(recorded["results"])
+
+
+def _unfinished(run_dir: Path) -> bool:
+    """A run started by code that lists its cells when it ends, and not ended yet."""
+    return ((run_dir / "config.json").is_file() and not (run_dir / CURRENT_RESULTS).is_file()
+            and any(run_dir.glob(f"**/{cache.MANIFEST}")))
 
 
 def stale_results(run_dir: str | Path) -> list[str]:
@@ -671,9 +678,9 @@ def build_report(run_dir: str | Path, partial: bool = False) -> Path:
     predictions = load_predictions(run_dir, records)
     comparisons = paired_comparisons(records, predictions, run_compare_with(run_dir))
     retention = retention_rows(records, predictions)
-    unfinished = (run_dir / "config.json").is_file() and not (run_dir / CURRENT_RESULTS).is_file()
     heading = (f"**Partial: the run in this folder has not finished.** These are the {len(records)} results "
-               f"it had written; its config may hold more models, seeds and baselines.\n\n" if unfinished else "")
+               f"it had written; its config may hold more models, seeds and baselines.\n\n"
+               if _unfinished(run_dir) else "")
     write_csv(long_rows(records, comparisons, retention), run_dir / "results.csv")
     io.write_text(run_dir / "results.md",
                   heading + report_markdown(records, comparisons, retention) + stale_note(run_dir))
