@@ -354,6 +354,8 @@ def check_device(requested: str, where: str = "--device") -> torch.device:
     if device is None:
         return pick_device("auto")
     if device.type == "cpu":
+        if device.index not in (None, 0):  # torch parses cpu:N, but there is one CPU device
+            raise ModelError(f"{where} {requested!r}: there is one CPU device, written cpu; valid here: {valid_here}")
         return device
     if device.type != "cuda":
         raise ModelError(f"{where} {requested!r}: only CPU and CUDA devices are supported; valid here: {valid_here}")
