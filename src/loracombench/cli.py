@@ -172,13 +172,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def eval_settings(args, task: str) -> dict:
-    """The evaluation settings of `eval`: each flag given, else the default preset's, so that an
-    adapter evaluated alone is scored on the rows and settings of the default run's table."""
-    from .config import load_config
+def eval_settings(args, task: str, preset) -> dict:
+    """The evaluation settings of `eval`: each flag given, else the default preset's (`preset`,
+    its EvalSettings), so that an adapter evaluated alone is scored on the rows and settings of
+    the default run's table."""
     from .evaluation import EvalConfig
 
-    preset = load_config().eval  # the default preset is the one source of the evaluation defaults
     defaults = {"split": preset.split, "seed": preset.seed, "n_eval": preset.n_eval.get(task, EvalConfig.n_eval),
                 "n_generate": preset.n_generate, "max_new_tokens": preset.max_new_tokens,
                 "batch_size": preset.batch_size, "generate_batch_size": preset.generate_batch_size}
@@ -200,8 +199,9 @@ def cmd_eval(args) -> int:
               inputs={"--adapter": args.adapter, "--data-dir": _data_input(args.data_dir),
                       "--model": _local_path(args.model)})
     device = check_device(args.device)
-    precision = dtype_name(resolve_dtype(args.dtype or load_config().dtype, device))
-    settings = eval_settings(args, task.name)
+    preset = load_config()  # the default preset is the one source of the evaluation defaults
+    precision = dtype_name(resolve_dtype(args.dtype or preset.dtype, device))
+    settings = eval_settings(args, task.name, preset.eval)
     rows = load_sample(task, settings["split"], settings["n_eval"], settings["seed"], args.data_dir, what="--n-eval")
     # Recorded as what was generated: never more than the rows evaluated (None: all of them).
     n_generate = len(rows) if settings["n_generate"] is None else min(settings["n_generate"], len(rows))
