@@ -90,12 +90,6 @@ def _data_input(data_dir) -> Path | None:
     return resolve_data_dir(data_dir)
 
 
-def _data_source(data_dir) -> str:
-    """Where rows come from, as a run records it: the mirror's absolute path, else "hub"."""
-    folder = _data_input(data_dir)
-    return str(folder.resolve()) if folder else "hub"
-
-
 def _print_table(rows: list[dict]) -> None:
     if not rows:
         return
@@ -135,7 +129,7 @@ def cmd_train(args) -> int:
     from . import distributed
     from .checkpoint import check_checkpoint_dir
     from .config import ConfigError, TrainSettings, flatten_validation_error, load_config
-    from .data import load_sample
+    from .data import data_source, load_sample
     from .models import check_device, check_target_modules, load_model, resolve_dtype
     from .outputs import check_out
     from .tasks import get_task
@@ -165,7 +159,7 @@ def cmd_train(args) -> int:
     check_target_modules(loaded.model, config.target_modules, "--target-modules")
     with distributed.session(args.device) as world:
         meta = train_adapter(loaded, task, rows, config, out, args.device, dtype=dtype,
-                             extra_metadata={"data_seed": args.data_seed, "data": _data_source(args.data_dir)})
+                             extra_metadata={"data_seed": args.data_seed, "data": data_source(args.data_dir)})
     if world.is_main:
         print(f"saved adapter to {out} (final loss {meta['final_loss']:.4f}, {meta['train_time_s']:.0f} s"
               f"{f', {world.size} processes' if world.size > 1 else ''})")

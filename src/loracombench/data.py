@@ -32,6 +32,12 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return path
 
 
+def data_source(data_dir: str | Path | None) -> str:
+    """Where rows come from, as results record it: the mirror's absolute path, else "hub"."""
+    folder = resolve_data_dir(data_dir)
+    return str(folder.resolve()) if folder else "hub"
+
+
 def split_file(task: Task, split: str, data_dir: Path) -> Path:
     return data_dir / task.name / f"{split}.jsonl"
 

@@ -26,7 +26,7 @@ from . import adapters, cache, io, metrics, training
 from .compose import BuildInputs, Composed, Composition, OneModel, get_composition, weight_sweep
 from .compose.static_merge import StaticMerge
 from .config import ExperimentConfig, stable_hash
-from .data import load_sample, resolve_data_dir, validation_sample
+from .data import data_source, load_sample, resolve_data_dir, validation_sample
 from .evaluation import EvalConfig, evaluate_composed
 from .executors import SerialExecutor
 from .models import check_device, check_target_modules, load_model, pick_device
@@ -145,7 +145,7 @@ class Experiment:
         self.progress = progress
         self.executor = executor or SerialExecutor()
         self.data_dir = resolve_data_dir(config.data_dir)
-        self.data_source = str(self.data_dir.resolve()) if self.data_dir else "hub"
+        self.data_source = data_source(config.data_dir)
         self.current_results: list[Path] = []  # the eval folders this run's report shows
         self._rows: dict[tuple, list[dict]] = {}
         # (model key, validation_identity) -> validation metrics: sweeps on the same rows place
