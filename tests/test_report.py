@@ -163,6 +163,8 @@ def test_paired_comparisons_holm_and_retention_by_seed(two_seed_run):
     assert float(means[("merge: average", "gsm8k")]["value"]) == pytest.approx((0.5 + 0.75) / 2)
 
     markdown = (run / "results.md").read_text()
+    # A permutation p at 1/(swaps + 1) is that test's floor: the note says it bounds p.
+    assert "9,999 random swaps unless all 2^n are fewer; a p of 0.0001 is then the least" in markdown
     assert md_rows(markdown, "merge: ties (seed 0)", "ag_news expert", "AG News acc")[2:] == \
         ["0.0078", "0.0156", "✓ worse"]
     assert md_rows(markdown, "merge: average (seed 0)", "ag_news expert", "AG News acc")[2:] == \
