@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from typing import ClassVar
 
 import numpy as np
@@ -340,6 +341,19 @@ def test_samples_drawn_with_another_seed_are_not_paired_even_when_their_golds_ag
     write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))})
     write_model(run, "merge: average", "merge", 0, {"ag_news": ag_news_result(span(7))}, sample_seed=19)
     with pytest.raises(ValueError, match=r"test/24 \(sample seed 19\) and test/24 \(sample seed 1234\)"):
+        build_report(run)
+
+
+def test_results_scored_by_two_versions_of_a_task_are_not_paired(tmp_path):
+    run = tmp_path / "run"
+    write_model(run, "base", "base", None, {"ag_news": ag_news_result(span(6))})
+    write_model(run, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))})
+    write_model(run, "merge: average", "merge", 0, {"ag_news": ag_news_result(span(7))})
+    for slug, version in [("ag_news_expert_s0", {"version": 3, "source": "a"}),
+                          ("merge_average_s0", {"version": 3, "source": "b"})]:
+        path = run / "eval" / slug / "ag_news" / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "task_version": version}))
+    with pytest.raises(ValueError, match="scored by two versions of the task's prompts and scoring"):
         build_report(run)
 
 

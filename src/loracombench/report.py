@@ -439,6 +439,13 @@ def _same_examples(first: dict, second: dict) -> None:
     if sample(first) != sample(second):
         raise ValueError(f"cannot pair {first['model']['label']!r} and {second['model']['label']!r} on "
                          f"{first['task']}: evaluated on {sample(first)} and {sample(second)} examples")
+    # The same examples under another prompt or scoring would pair as if the models differed.
+    versions = [record.get("task_version") for record in (first, second)]
+    if None not in versions and versions[0] != versions[1]:
+        raise ValueError(f"cannot pair {first['model']['label']!r} and {second['model']['label']!r} on "
+                         f"{first['task']}: scored by two versions of the task's prompts and scoring "
+                         f"({', '.join(stable_hash(v)[:12] for v in versions)}); rerun `loracombench run` "
+                         f"into this folder to score both with today's")
 
 
 # ---------------------------------------------------------------- paired comparisons
