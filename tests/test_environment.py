@@ -31,10 +31,6 @@ def test_the_cpu_record_names_the_kernels_aten_runs_and_the_library_versions():
     assert record["peft"] == importlib.metadata.version("peft")
     assert record["device"] == "cpu" and record["torch_threads"] == torch.get_num_threads()
     assert "gpu" not in record
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        assert names and record["cpu"] == names[0]
-    assert record["cpu"]
 
 
 def test_the_cpu_capability_follows_a_pin_set_for_the_process():
@@ -101,15 +97,13 @@ def record_of(kind: str, environment_record: dict | None) -> dict:
 
 def test_the_report_lists_each_environment_of_a_mixed_table_with_its_count():
     here = environment(CPU)
-    avx2 = {**here, "cpu": "Some CPU", "cpu_capability": "AVX2", "torch_threads": 2}
+    avx2 = {**here, "cpu_capability": "AVX2", "torch_threads": 2}
     gpu = {**cache.code_versions(), "device": "cuda:0", "torch_threads": 8, "cuda": "12.8", "gpu": "Some GPU"}
     records = [record_of("merge", avx2), record_of("merge", avx2), record_of("expert", gpu),
                record_of("base", None), record_of("baseline", {"scikit-learn": "1.0"})]
     note = report.environment_note(records)
     assert note.startswith("computed in several environments")
-    assert f"{report.describe_environment(avx2)} (2 results)" in note and "(Some CPU, AVX2 kernels, 2 threads)" in note
-    # the same kernels on another CPU are another environment (MKL chooses its code by the CPU)
-    assert report.describe_environment({**avx2, "cpu": "Another CPU"}) != report.describe_environment(avx2)
+    assert f"{report.describe_environment(avx2)} (2 results)" in note and "(AVX2 kernels, 2 threads)" in note
     assert f"{report.describe_environment(gpu)} (1 result)" in note and "cuda:0 (Some GPU, CUDA 12.8)" in note
     assert "an unrecorded environment (results written before environments were recorded) (1 result)" in note
     assert "scikit-learn" not in note

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from loracombench import adapters
 from loracombench.models import load_model
 from loracombench.tasks import get_task
 from loracombench.config import TrainSettings
-from loracombench.training import IGNORE_INDEX, PortableDropout, encode_example, init_lora, train_adapter
+from loracombench.training import IGNORE_INDEX, encode_example, init_lora, train_adapter
 
 AG_ROWS = [{"text": f"{w} story {i}", "label": y}
            for i in range(3) for y, w in enumerate(["war", "goal", "stocks", "chip"])]
@@ -168,52 +165,6 @@ def test_each_task_starts_from_its_own_lora_initialisation_unless_shared():
     assert all(not torch.equal(ag_news[name], a) for name, a in _initial_lora_A("ag_news", seed=1).items())
     shared = [_initial_lora_A(task, shared_init=True) for task in ("ag_news", "gsm8k")]
     assert all(torch.equal(shared[0][name], shared[1][name]) for name in shared[0])
-
-
-# SHA-256 of PortableDropout(0.05)'s output on torch.ones(4, 1000) after torch.manual_seed(0), as
-# torch 2.13.0 drew it on AMD (the same with AVX2 or AVX-512 kernels, 1 or 2 threads): the mask of
-# PyTorch's mt19937 generator, which nn.Dropout also draws there and which trained every committed
-# adapter. On an Intel CPU nn.Dropout's mask comes from MKL's generator and would not match.
-MT19937_MASK_SHA256 = "9673554ebe913111432719c941ce52a6e7b6f1bc289cde404b522a7410af1547"
-
-
-def cpu_vendor() -> str:
-    match = re.search(r"^vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text(), re.MULTILINE) \
-        if Path("/proc/cpuinfo").exists() else None
-    return match.group(1) if match else "unknown"
-
-
-@pytest.mark.skipif(not torch.__version__.startswith("2.13.0"), reason="the mask was pinned with torch 2.13.0")
-def test_lora_dropout_draws_the_same_mask_on_every_cpu():
-    torch.manual_seed(0)
-    mask = PortableDropout(0.05).train()(torch.ones(4, 1000))
-    assert hashlib.sha256(mask.numpy().tobytes()).hexdigest() == MT19937_MASK_SHA256
-    assert mask.unique().tolist() == [0.0, pytest.approx(1 / 0.95)] and (mask == 0).sum() == 217
-    assert torch.equal(PortableDropout(0.05).eval()(mask), mask)
-
-
-@pytest.mark.skipif(cpu_vendor() == "GenuineIntel",
-                    reason="on Intel CPUs nn.Dropout draws from MKL's generator: the difference PortableDropout removes")
-def test_lora_dropout_is_bit_identical_to_nn_dropout_where_that_draws_from_mt19937():
-    """Outputs and input gradients of two draws in a row (so the generator advanced the same)."""
-    x = torch.randn(3, 7, 576, requires_grad=True)
-    results = []
-    for dropout in (torch.nn.Dropout(0.2), PortableDropout(0.2)):
-        torch.manual_seed(3)
-        first, second = dropout.train()(x), dropout(x)
-        (2 * first.sum() + second.sum()).backward()
-        results.append((first, second, x.grad))
-        x.grad = None
-    assert all(torch.equal(ours, theirs) for ours, theirs in zip(*results))
-
-
-def test_every_lora_layer_trains_with_portable_dropout():
-    model = init_lora(load_model("tiny-llama").model, TrainSettings(r=4, lora_dropout=0.05), "ag_news")
-    dropouts = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
-                for d in m.lora_dropout.values()]
-    assert dropouts and all(type(d) is PortableDropout and d.p == 0.05 for d in dropouts)
-    model = init_lora(load_model("tiny-llama").model, TrainSettings(r=4, lora_dropout=0.0), "ag_news")
-    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
 
 
 def test_a_local_checkpoint_is_hashed_once_and_again_after_it_changes(tmp_path, monkeypatch):

@@ -382,22 +382,7 @@ def environment(device: torch.device) -> dict:
     record = {**cache.code_versions(), "device": str(device), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         return {**record, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(device)}
-    return {**record, "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
-
-
-def cpu_name() -> str:
-    """The CPU's model name as Linux reports it (else the platform's word for it). MKL picks its
-    matmul code by the CPU's maker and model, not only by the instructions it has, so two CPUs
-    with the same ATen kernels can still differ in the last bits."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
+    return {**record, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # Precisions of the forward passes, by config name. Weights (the base and the LoRA factors) stay

@@ -369,8 +369,7 @@ def describe_environment(environment: dict) -> str:
     if "gpu" in environment:
         where = f"{environment['device']} ({environment['gpu']}, CUDA {environment['cuda']})"
     else:
-        cpu = f"{environment['cpu']}, " if "cpu" in environment else ""
-        where = (f"{environment['device']} ({cpu}{environment.get('cpu_capability')} kernels, "
+        where = (f"{environment['device']} ({environment.get('cpu_capability')} kernels, "
                  f"{environment.get('torch_threads')} threads)")
     return f"{code} on {where}"
 

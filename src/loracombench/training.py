@@ -143,38 +143,11 @@ def lora_init_seed(config: TrainSettings, task_name: str) -> int:
 
 
 def init_lora(model, config: TrainSettings, task_name: str):
-    """The base wrapped in a fresh LoRA, lora_A drawn from the task's init seed (lora_B is zero),
-    its dropout drawing the same masks on every CPU (PortableDropout)."""
+    """The base wrapped in a fresh LoRA, lora_A drawn from the task's init seed (lora_B is zero)."""
     from peft import get_peft_model
 
     torch.manual_seed(lora_init_seed(config, task_name))
-    model = get_peft_model(model, lora_config(config, model.config.model_type))
-    for layer in model.modules():
-        dropouts = getattr(layer, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, dropout in dropouts.items():
-                if type(dropout) is torch.nn.Dropout:
-                    dropouts[name] = PortableDropout(dropout.p)
-    return model
-
-
-class PortableDropout(torch.nn.Dropout):
-    """nn.Dropout whose CPU masks do not depend on the CPU's maker. On CPU, nn.Dropout draws its
-    mask with a scalar-probability bernoulli_, which PyTorch's MKL builds take from MKL's own
-    generator on Intel CPUs and from the seeded mt19937 generator on all others
-    (aten/src/ATen/native/cpu/DistributionKernels.cpp, bernoulli_scalar_kernel): the same seed
-    trained other adapters on Intel than on AMD. A probability given as a tensor always takes
-    the mt19937 path, which draws exactly what the scalar one draws on AMD, where every
-    committed adapter was trained (tests/test_training_and_adapters.py). The rest is
-    nn.Dropout's own CPU arithmetic, so outputs and gradients are bit-identical to it there.
-    Other devices keep nn.Dropout's fused kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        keep = 1 - self.p
-        noise = torch.empty_like(x).bernoulli_(torch.tensor(keep, dtype=torch.float64))
-        return x * noise.div_(keep)
+    return get_peft_model(model, lora_config(config, model.config.model_type))
 
 
 def train_adapter(loaded: LoadedModel, task: Task, rows: list[dict], config: TrainSettings, out_dir: str | Path,
