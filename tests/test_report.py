@@ -355,6 +355,11 @@ def test_results_scored_by_two_versions_of_a_task_are_not_paired(tmp_path):
         path.write_text(json.dumps({**json.loads(path.read_text()), "task_version": version}))
     with pytest.raises(ValueError, match="scored by two versions of the task's prompts and scoring"):
         build_report(run)
+    # one version on both sides pairs as before
+    path = run / "eval" / "merge_average_s0" / "ag_news" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "task_version": {"version": 3, "source": "a"}}))
+    build_report(run)
+    assert "merge: average" in (run / "results.md").read_text()
 
 
 def base_fingerprint(weights: str) -> dict:

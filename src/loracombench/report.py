@@ -514,7 +514,8 @@ def comparison_table(comparisons: list[dict], records: list[dict]) -> str:
              "paired-bootstrap 95% interval; for a ↓ metric a negative difference is better.",
              "tests: exact McNemar for 0/1 outcomes, paired permutation test for means and macro-F1 "
              f"({stats.PERMUTATIONS:,} random swaps unless all 2^n are fewer; a p of "
-             f"{1 / (stats.PERMUTATIONS + 1):.4f} is then the least they can give, an upper bound on p).",
+             f"{1 / (stats.PERMUTATIONS + 1):.4f} is then the least they can give: a conservative p, "
+             "the exact one may be smaller).",
              f"Holm p: adjusted across the composed models{' of a seed' if several_seeds(records) else ''}, "
              f"per task, metric and comparator; ✓ where it stays below {ALPHA}."]
     return "\n".join(f"- {note}" for note in notes) + "\n\n" + "\n".join(parts)
