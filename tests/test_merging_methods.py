@@ -288,11 +288,15 @@ def test_dare_ties_at_full_density_is_ties_without_trimming():
     torch.testing.assert_close(dare, ties)
 
 
-def test_knots_basis_reproduces_every_task():
+@pytest.mark.parametrize("coordinates", ["scaled", "unit"])
+def test_knots_basis_reproduces_every_task(coordinates):
     adapters = [factors(2, 7, 6, 2.0, seed=38), factors(3, 7, 6, 0.5, seed=39)]
-    basis, _, coordinates = shared_basis(adapters)
-    for adapter, task_coordinates in zip(adapters, coordinates):
-        torch.testing.assert_close(basis @ task_coordinates, adapter.delta_weight(), atol=1e-5, rtol=0)
+    basis, task_coordinates = shared_basis(adapters, coordinates)
+    for adapter, own in zip(adapters, task_coordinates):
+        torch.testing.assert_close(basis @ own, adapter.delta_weight(), atol=1e-5, rtol=0)
+    # scaled: an orthonormal basis, the singular values on the coordinates; unit: the reverse
+    orthonormal = basis if coordinates == "scaled" else torch.cat(list(task_coordinates), dim=1).T
+    torch.testing.assert_close(orthonormal.T @ orthonormal, torch.eye(orthonormal.shape[1]), atol=1e-5, rtol=0)
 
 
 def test_knots_with_task_arithmetic_equals_task_arithmetic():
@@ -312,10 +316,19 @@ def test_knots_ties_merges_the_task_coordinates_of_the_concatenated_svd():
     u, s, vh = torch.linalg.svd(torch.cat([f.delta_weight().double() for f in adapters], dim=1),
                                 full_matrices=False)
     u, s, vh = u[:, :5], s[:5], vh[:5]
-    blocks = vh.reshape(5, 3, 7).transpose(0, 1) * torch.tensor(weights, dtype=torch.float64)[:, None, None]
-    expected = (u * s) @ ties_combine(blocks, 0.4, "sum")
-    assert relative_error(merged.double(), expected) < 1e-5
+    weighting = torch.tensor(weights, dtype=torch.float64)[:, None, None]
+    # The authors' code (s_on_V=True): TIES on diag(s)·Vᵢᵀ, mapped back by U.
+    scaled = (s[:, None] * vh).reshape(5, 3, 7).transpose(0, 1) * weighting
+    assert relative_error(merged.double(), u @ ties_combine(scaled, 0.4, "sum")) < 1e-5
+    # coordinates=unit: TIES on the unit-norm Vᵢᵀ, mapped back by UΣ; another trim, another merge
+    unit = merged_update("knots", adapters, weights, {"density": 0.4, "coordinates": "unit"})
+    blocks = vh.reshape(5, 3, 7).transpose(0, 1) * weighting
+    assert relative_error(unit.double(), (u * s) @ ties_combine(blocks, 0.4, "sum")) < 1e-5
+    assert relative_error(unit, merged) > 0.05
     assert relative_error(merged, merged_update("knots", adapters, weights, {"merge": "ta"})) > 0.05
+    # Without a trim the row scale changes neither the elected signs nor the disjoint mean.
+    whole = [merged_update("knots", adapters, weights, {"coordinates": c}) for c in ("scaled", "unit")]
+    assert relative_error(*whole) < 1e-5
 
 
 def test_knots_output_rank_is_at_most_the_sum_of_ranks():
