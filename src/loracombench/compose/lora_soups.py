@@ -17,9 +17,15 @@ valteu/LoRA-Soups and cited by microsoft/mttl's LoraSoupSelector):
   with equal weights (1/n under softmax; 1 under free, the plain sum). init="random" draws the
   softmax logits from N(0, 1) with the seed, as the reference code does (softmax only).
 - AdamW without weight decay, as the reference (transformers' Trainer, adamw_torch), with the
-  linear decay our experts train with. The reference uses lr 1e-4 over about 1000 steps of 10k
-  examples; with a few hundred examples that moves no weight, hence a larger default rate.
-- The loss is the experts' own: mean cross-entropy of the target tokens of each batch.
+  linear decay our experts train with and no warm-up. The reference (train_cat.sh, cat_train.py)
+  uses lr 1e-4 over one epoch of 9,880 examples at an effective batch of 6 (batch_size 10 over
+  micro-batches of 6 accumulates nothing), about 1,650 steps, after 100 warm-up steps, in fp16;
+  with a few hundred examples that rate moves no weight, hence a larger default rate.
+- The loss is the experts' own: mean cross-entropy of the target tokens of each batch. The
+  reference's covers the prompt tokens too (train_on_inputs=True), with the experts' dropout on
+  (model.train(); 0.1 in its adapters); here the model runs in eval mode, so only α changes.
+- The reference fits α on a 10k-row mix of the skills' training data; here on validation rows of
+  every task (n_validation per task), never on test.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The multi-task reference: one LoRA trained on the union of the tasks' training samples.
 
-Not a composition of the experts but the point every composition paper compares against
-(LoraHub, Huang et al. 2023, arXiv:2307.13269; LoRA Soups, Prabhakar et al. 2024,
-arXiv:2410.13025): what the same data and the same budget give when the tasks are known at
-training time. It uses the experts' settings, with the rank (and lora_alpha, so that the
+Not a composition of the experts but the point composition papers compare against (LoRA Soups'
+data-mix baseline, Prabhakar et al. 2024, arXiv:2410.13025; LoraHub, whose target tasks are
+unseen, compares with in-context learning instead): what the same data and the same budget give
+when the tasks are known at training time. It uses the experts' settings, with the rank (and lora_alpha, so that the
 scaling alpha/r stays the experts') multiplied by `rank_factor`: at factor 2 it has as many
 parameters as the two experts together."""
 
@@ -22,7 +22,7 @@ ADAPTER_DIR = "adapter"
 class Multitask(Composition):
     uses_target_loss = True
     name = "multitask"
-    paper = "the multi-task baseline of LoraHub (arXiv:2307.13269) and LoRA Soups (arXiv:2410.13025)"
+    paper = "the multi-task (data-mix) baseline of LoRA Soups (arXiv:2410.13025)"
 
     def __init__(self, **params):
         self.params = check_params(self.name, params, {"rank_factor": 1})
