@@ -12,7 +12,7 @@ import torch
 from loracombench import metrics
 from loracombench.batching import left_pad
 from loracombench.evaluation import (MIN_SHARED_PREFIX, EvalConfig, continuation_logprobs, cut_at_stop, encode,
-                                     evaluate, generate, greedy_tokens, shared_prefix)
+                                     encode_pair, evaluate, generate, greedy_tokens, score_choices, shared_prefix)
 from loracombench.tasks import get_task
 
 
@@ -89,6 +89,30 @@ def test_acc_and_acc_norm_equal_a_hand_computation(tiny_gpt2, tmp_path):
     assert result["accuracy"]["value"] == hits / 4 and result["accuracy_norm"]["value"] == hits_norm / 4
     recalls = [result[f"recall_{name}"]["value"] for name in task.choices(rows[0])]
     assert recalls == [float(p["correct"]) for p in predictions]
+
+
+def test_a_continuation_is_split_off_as_lm_eval_splits_it(tiny_gpt2):
+    """lm-eval's TemplateLM._encode_pair: the context's trailing space goes to the continuation,
+    and the continuation's tokens are those of running text."""
+    tok = tiny_gpt2.tokenizer
+    assert encode(tok, "Topic: ") + encode(tok, "World") != encode(tok, "Topic: World")  # apart, a stray space
+    context, continuation = encode_pair(tok, "Topic: ", "World")
+    assert context == encode(tok, "Topic:") and continuation == encode(tok, " World")
+    assert context + continuation == encode(tok, "Topic: World")
+    # without trailing whitespace the split is the one both ways agree on
+    assert encode_pair(tok, "Topic:", " World") == (encode(tok, "Topic:"), encode(tok, " World"))
+
+
+def test_a_prompt_ending_in_a_space_scores_its_choices_as_running_text(tiny_gpt2, monkeypatch):
+    model, tok = tiny_gpt2.model, tiny_gpt2.tokenizer
+    task = get_task("ag_news")
+    row = {"text": "stocks profit story", "label": 2}
+    prompt = task.prompt(row)
+    monkeypatch.setattr(type(task), "prompt", lambda self, r: prompt + " ")
+    monkeypatch.setattr(type(task), "choice_delimiter", "")
+    scores = score_choices(model, tok, task, [row], batch_size=2, progress=False)[0]
+    expected = [reference_logprob(model, encode(tok, prompt), encode(tok, " " + c)) for c in task.choices(row)]
+    assert scores == pytest.approx(expected, abs=1e-4)
 
 
 def test_confusion_matrix_counts_gold_by_prediction():

@@ -135,15 +135,28 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens as lm-eval-harness splits them (TemplateLM._encode_pair):
+    the context's trailing whitespace moves to the continuation, context + continuation is encoded
+    whole, and the continuation is what follows the context's own tokens. So the continuation
+    starts with the token running text has there: encoded alone it would not, after a context
+    ending in a space (": " + "World" gives "Ġ", "World" instead of "ĠWorld") or with a
+    SentencePiece tokenizer that marks the start of every encoded text."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = encode(tokenizer, context)
+    return context_ids, encode(tokenizer, context + continuation)[len(context_ids):]
+
+
 def score_choices(model, tokenizer, task: Task, rows: list[dict], batch_size: int, progress: bool,
                   dtype: str = "auto") -> list[list[float]]:
     """Per row, the summed log-likelihood of each choice after the task's delimiter (lm-eval's
     `target_delimiter`), as lm-eval-harness scores multiple choice."""
     requests, owners = [], []
     for index, row in enumerate(rows):
-        context = encode(tokenizer, task.prompt(row))
         for choice in task.choices(row):
-            requests.append((context, encode(tokenizer, task.choice_delimiter + choice)))
+            requests.append(encode_pair(tokenizer, task.prompt(row), task.choice_delimiter + choice))
             owners.append(index)
     flat = continuation_logprobs(model, tokenizer, requests, batch_size, f"score {task.name}", progress, dtype)
     per_row = [[] for _ in rows]
@@ -261,7 +274,7 @@ def generated(index: int, config: EvalConfig) -> bool:
 def predict_generation(model, tokenizer, task: Task, rows, indices, config: EvalConfig, progress: bool):
     """Per row: the gold solution's per-token NLL, and for the generated prefix the output and
     the task's own extraction and comparison (Task.score_output)."""
-    requests = [(encode(tokenizer, task.prompt(r)), encode(tokenizer, task.target(r))) for r in rows]
+    requests = [encode_pair(tokenizer, task.prompt(r), task.target(r)) for r in rows]
     logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress,
                                      config.dtype)
     chosen = [k for k, index in enumerate(indices) if generated(index, config)]

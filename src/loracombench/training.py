@@ -19,6 +19,7 @@ from . import adapters, distributed, io
 from .batching import left_pad, length_grouped_batches
 from .checkpoint import Checkpoints, Progress, checkpoint_due, rng_states
 from .config import TrainSettings, stable_hash
+from .evaluation import encode_pair
 from .models import (PROJECTED_LOGITS, LoadedModel, autocast, dtype_name, environment, resolve_dtype,
                      target_modules_for)
 from .tasks import Task, get_task
@@ -40,11 +41,12 @@ class Example:
 
 
 def encode_example(tokenizer, prompt: str, target: str, max_length: int, eos: bool = True) -> Example | None:
-    """Prompt and target tokenised separately (as scoring does), the target followed by EOS if
-    asked, the prompt masked out of the loss; sequences are cut on the right. None when no target
-    token is left. The first token is never a target: nothing precedes it to predict it from."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
+    """Prompt and target split into tokens as scoring splits them (evaluation.encode_pair), the
+    target followed by EOS if asked, the prompt masked out of the loss; sequences are cut on the
+    right. None when no target token is left. The first token is never a target: nothing
+    precedes it to predict it from."""
+    prompt_ids, target_ids = encode_pair(tokenizer, prompt, target)
+    target_ids = target_ids + ([tokenizer.eos_token_id] if eos else [])
     input_ids = (prompt_ids + target_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[:max_length]
     labels[0] = IGNORE_INDEX
