@@ -1,6 +1,8 @@
 """Scoring every model the same way: log-likelihood multiple choice for AG News, greedy
-generation and the gold solution's per-token NLL for GSM8K. A generation task extracts and
-compares its own answers (Task.score_output); this module only decodes and aggregates."""
+generation and the gold target's per-token NLL for GSM8K (task.target: the solution as the
+experts train on it, for GSM8K without calculator annotations and without EOS). A generation
+task extracts and compares its own answers (Task.score_output); this module only decodes and
+aggregates."""
 
 from __future__ import annotations
 
@@ -272,8 +274,9 @@ def generated(index: int, config: EvalConfig) -> bool:
 
 
 def predict_generation(model, tokenizer, task: Task, rows, indices, config: EvalConfig, progress: bool):
-    """Per row: the gold solution's per-token NLL, and for the generated prefix the output and
-    the task's own extraction and comparison (Task.score_output)."""
+    """Per row: the gold target's per-token NLL (task.target, as training encodes it, without EOS),
+    and for the generated prefix the output and the task's own extraction and comparison
+    (Task.score_output)."""
     requests = [encode_pair(tokenizer, task.prompt(r), task.target(r)) for r in rows]
     logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress,
                                      config.dtype)
