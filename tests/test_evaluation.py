@@ -227,6 +227,24 @@ def test_gsm8k_evaluation_generates_extracts_and_scores_nll(tiny_gpt2, tmp_path)
     assert record["metrics"]["gold_nll"]["value"] > 0
 
 
+def test_a_gold_nll_after_a_prompt_ending_in_a_space_is_that_of_running_text(tiny_gpt2, tmp_path, monkeypatch):
+    model, tok = tiny_gpt2.model, tiny_gpt2.tokenizer
+    task = get_task("gsm8k")
+    row = {"question": "What is 2 plus 2?", "answer": "2+2=4\n#### 4"}
+    prompt = task.prompt(row)
+    monkeypatch.setattr(type(task), "prompt", lambda self, r: prompt + " ")
+    evaluate(model, tok, task, [row], EvalConfig(n_generate=0), {"label": "base", "kind": "base"},
+             out_dir=tmp_path / "g", progress=False)
+    nll = json.loads((tmp_path / "g" / "predictions.jsonl").read_text())["gold_nll"]
+    target = encode(tok, " " + task.target(row))
+    assert nll == pytest.approx(-reference_logprob(model, encode(tok, prompt), target) / len(target), abs=1e-4)
+
+
+def test_a_prompt_of_whitespace_alone_is_refused(tiny_gpt2):
+    with pytest.raises(ValueError, match="a prompt needs text before its continuation"):
+        encode_pair(tiny_gpt2.tokenizer, " \n", "World")
+
+
 def test_evaluate_refuses_no_rows(tiny_gpt2):
     with pytest.raises(ValueError, match="no ag_news examples"):
         evaluate(tiny_gpt2.model, tiny_gpt2.tokenizer, get_task("ag_news"), [], EvalConfig(), {})

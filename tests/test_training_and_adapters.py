@@ -167,6 +167,16 @@ def test_each_task_starts_from_its_own_lora_initialisation_unless_shared():
     assert all(torch.equal(shared[0][name], shared[1][name]) for name in shared[0])
 
 
+def test_a_target_after_a_prompt_ending_in_a_space_trains_on_the_tokens_of_running_text(tiny_gpt2):
+    """As scoring splits it (evaluation.encode_pair): the space belongs to the target's first token."""
+    tok = tiny_gpt2.tokenizer
+    example = encode_example(tok, "Question: 2+2?\nAnswer: ", "It is 4.", 64)
+    whole = tok("Question: 2+2?\nAnswer: It is 4.", add_special_tokens=False)["input_ids"]
+    assert example.input_ids == whole + [tok.eos_token_id]
+    prompt = tok("Question: 2+2?\nAnswer:", add_special_tokens=False)["input_ids"]
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + whole[len(prompt):] + [tok.eos_token_id]
+
+
 def test_a_local_checkpoint_is_hashed_once_and_again_after_it_changes(tmp_path, monkeypatch):
     from loracombench import models
 

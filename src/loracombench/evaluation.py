@@ -1,6 +1,7 @@
 """Scoring every model the same way: log-likelihood multiple choice for AG News, greedy
-generation and the gold target's per-token NLL for GSM8K (task.target: the solution as the
-experts train on it, for GSM8K without calculator annotations and without EOS). A generation
+generation and the gold target's per-token NLL for GSM8K (task.target: the solution the experts
+train on, for GSM8K without calculator annotations; the EOS they train on after it is not
+scored). A generation
 task extracts and compares its own answers (Task.score_output); this module only decodes and
 aggregates."""
 
@@ -144,6 +145,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     starts with the token running text has there: encoded alone it would not, after a context
     ending in a space (": " + "World" gives "Ġ", "World" instead of "ĠWorld") or with a
     SentencePiece tokenizer that marks the start of every encoded text."""
+    if not context.strip():
+        raise ValueError(f"a prompt needs text before its continuation {continuation[:40]!r}; got {context!r}")
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
@@ -274,7 +277,7 @@ def generated(index: int, config: EvalConfig) -> bool:
 
 
 def predict_generation(model, tokenizer, task: Task, rows, indices, config: EvalConfig, progress: bool):
-    """Per row: the gold target's per-token NLL (task.target, as training encodes it, without EOS),
+    """Per row: the gold target's per-token NLL (task.target as training encodes it, its EOS not scored),
     and for the generated prefix the output and the task's own extraction and comparison
     (Task.score_output)."""
     requests = [encode_pair(tokenizer, task.prompt(r), task.target(r)) for r in rows]

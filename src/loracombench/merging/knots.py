@@ -69,8 +69,8 @@ register(MergeMethod(
     name="knots",
     fn=merge_knots,
     params=(
-        shared.choice("merge", "ties", MERGES, "how the aligned task coordinates Vᵢ are merged"),
-        shared.density(1.0, "fraction of each Vᵢ kept by magnitude when merge=ties"),
+        shared.choice("merge", "ties", MERGES, "how the tasks' coordinates in the shared basis are merged"),
+        shared.density(1.0, "fraction of each task's coordinates kept by magnitude when merge=ties"),
         shared.choice("coordinates", "scaled", COORDINATES,
                       "what merge=ties trims: ΣVᵢᵀ as the authors' code does, or the unit-norm Vᵢᵀ"),
         shared.sign_mode(),
