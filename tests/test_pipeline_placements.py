@@ -23,7 +23,7 @@ SMOKE = {
     "merges": [{"method": "task_arithmetic", "label": "ta_ones", "weights": [1.0, 1.0]}],
     "compositions": [{"method": "route_oracle"},
                      {"method": "weight_sweep", "label": "ta_sweep",
-                      "params": {"method": "task_arithmetic", "weights": [0.0, 1.0], "n_validation": 4}}],
+                      "params": {"method": "task_arithmetic", "weights": [0.0, 1.0], "n_validation": 2}}],
 }
 
 
@@ -76,7 +76,7 @@ def test_sweeps_on_the_same_rows_place_each_model_after_one_scoring(tmp_path, sm
 
     config = dict(SMOKE, compositions=SMOKE["compositions"] + [
         {"method": "weight_sweep", "label": "ta_sweep_fine",
-         "params": {"method": "task_arithmetic", "weights": [0.0, 0.5, 1.0], "n_validation": 4}}])
+         "params": {"method": "task_arithmetic", "weights": [0.0, 0.5, 1.0], "n_validation": 2}}])
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     scored = []

@@ -26,6 +26,10 @@ def test_validation_rows_never_overlap_the_training_sample_or_test(small_mirror)
     assert ag_news == load_sample("ag_news", "validation", None, 0, small_mirror)
     with pytest.raises(DataError, match="no rows are left"):
         validation_sample("gsm8k", None, 0, small_mirror, load_sample("gsm8k", "train", None, 0, small_mirror))
+    # More held-out rows than there are is refused, as a sample larger than a split is, naming its key.
+    with pytest.raises(DataError, match=r"n_validation=3 asks for more gsm8k validation rows .* \(2\)"):
+        validation_sample("gsm8k", 3, 0, small_mirror, training, what="n_validation")
+    assert len(validation_sample("gsm8k", 2, 0, small_mirror, training)) == 2
 
 
 def test_sweep_trains_each_rate_scores_validation_and_resumes(tmp_path, small_mirror, capsys):

@@ -56,7 +56,8 @@ def test_bad_rows_name_file_and_line(tmp_path, content, message, line):
         load_split("ag_news", "train", tmp_path)
 
 
-@pytest.mark.parametrize("answer", ["just 4", "so ####4"])  # lm-eval reads the gold after "#### "
+# lm-eval reads the gold after the last "#### ": it must end the answer and be a number
+@pytest.mark.parametrize("answer", ["just 4", "so ####4", "x\n#### ", "x\n#### forty", "the #### 5 is early\nthen 6"])
 def test_gsm8k_answer_without_final_line(tmp_path, answer):
     write_jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "Q", "answer": answer}])
     with pytest.raises(DataError, match=r"test\.jsonl:1: .*####"):

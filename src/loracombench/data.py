@@ -160,6 +160,9 @@ def validation_sample(task: Task | str, n: int | None, seed: int, data_dir, trai
     held_out = [row for row in load_split(task, "train", data_dir) if row_key(row) not in used]
     if not held_out:
         raise DataError(f"{task.name}: the training sample uses the whole train split; no rows are left for validation")
+    if n is not None and n > len(held_out):
+        raise DataError(f"{what}={n} asks for more {task.name} validation rows than the train split has outside the "
+                        f"training sample ({len(held_out)}); ask for at most {len(held_out)}, or train on fewer rows")
     return subsample(held_out, n, seed, task)
 
 

@@ -18,8 +18,9 @@ not comparable with published (5-shot) lm-eval GSM8K numbers. The scoring:
 - The reference is the yaml's doc_to_target `{{answer}}`: the whole reference solution,
   verbatim; the `(?s).*#### ` pattern is what reduces it to its final answer.
 
-So "18.00", "007", "-0", ".5" and "#### $18" do NOT match a gold 18 (or 7, 0, 0.5); "$18", "1,000"
-and one trailing full stop do. `exact_match_numeric` is our own, NOT lm-eval: the flexible
+So "18.00", "007", "-0" and ".5" do NOT match a gold 18 (or 7, 0, 0.5), nor does "#### $18" under
+strict-match (flexible-extract takes "$18", which matches); "$18", "1,000" and one trailing full
+stop do. `exact_match_numeric` is our own, NOT lm-eval: the flexible
 extraction compared with the reference as decimal numbers, which forgives those formatting
 differences. It is reported beside lm-eval's two scores, never instead of them.
 
@@ -36,6 +37,7 @@ from .base import ReportMetric, Task
 from .gsm8k_analysis import Gsm8kAnalysis
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
+FINAL_ANSWER_LINE = re.compile(r"#### -?[0-9][0-9,]*(\.[0-9]+)?")
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 FALLBACK = "[invalid]"
@@ -136,8 +138,10 @@ class Gsm8k(Gsm8kAnalysis, Task):
 
     def check_row(self, row: dict) -> str | None:
         problem = super().check_row(row)
-        # lm-eval reduces the reference to its answer by deleting through "#### " (with the
-        # space); without it the whole solution would be the gold answer, never matched.
-        if problem is None and "#### " not in row["answer"]:
+        # lm-eval reduces the reference to its answer by deleting through the last "#### " (with
+        # the space): without a final "#### <number>" line the gold answer would be a sentence
+        # or empty, and no output would ever match it.
+        lines = row["answer"].strip().splitlines() if problem is None else []
+        if problem is None and not (lines and FINAL_ANSWER_LINE.fullmatch(lines[-1].strip())):
             problem = "answer has no '#### <number>' final line"
         return problem
