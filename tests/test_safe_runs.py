@@ -225,6 +225,29 @@ def test_a_second_run_on_a_locked_folder_exits_2_and_changes_nothing(tmp_path, s
         pass
 
 
+def test_ctrl_c_while_the_command_line_is_read_gives_one_line(tmp_path, capsys, monkeypatch):
+    from loracombench import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["train", "--task", "ag_news", "--out", str(tmp_path / "a")]) == 130
+    assert capsys.readouterr().err.splitlines() == ["interrupted before any work started; nothing was written"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_interrupted_command_says_what_it_left(tmp_path, capsys, monkeypatch):
+    from loracombench import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert main(["eval", "--task", "ag_news", "--model", "tiny-llama", "--out", str(tmp_path / "e")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted; nothing half-written was left"
+
+
 def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, small_mirror, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["run", "--config", str(write_config(tmp_path)), "--data-dir", str(small_mirror), "--out", str(out)]

@@ -605,8 +605,20 @@ def _refuse_torchrun_unless_data_parallel(command: str) -> None:
                          f"Run `loracombench {command}` as one process")
 
 
+# What an interrupted command leaves, by command; every other command leaves nothing half-written.
+INTERRUPTED = {
+    "run": "finished cells are kept and a rerun resumes from them",
+    "sweep": "finished cells are kept and a rerun resumes from them",
+    "train": "the latest checkpoint is kept in OUT.checkpoint/ and the same command resumes from it",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the parser's imports load: nothing has started
+        print("interrupted before any work started; nothing was written", file=sys.stderr)
+        return 130
     with _sigterm_as_interrupt():
         try:
             _refuse_torchrun_unless_data_parallel(args.command)
@@ -616,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as stop:
             what = "terminated" if isinstance(stop, Terminated) else "interrupted"
-            print(f"{what}; finished cells are kept and a rerun resumes from them", file=sys.stderr)
+            print(f"{what}; {INTERRUPTED.get(args.command, 'nothing half-written was left')}", file=sys.stderr)
             return 143 if isinstance(stop, Terminated) else 130
 
 
