@@ -362,6 +362,23 @@ def test_results_scored_by_two_versions_of_a_task_are_not_paired(tmp_path):
     assert "merge: average" in (run / "results.md").read_text()
 
 
+def test_a_folder_that_is_no_run_keeps_the_users_own_results_files(tmp_path):
+    folder = tmp_path / "gathered"  # result folders copied together by hand: no config.json, no list
+    write_model(folder, "base", "base", None, {"ag_news": ag_news_result(span(6))})
+    write_model(folder, "ag_news expert", "expert", 0, {"ag_news": ag_news_result(span(9))})
+    report.build_report(folder)
+    report.build_report(folder)  # its own earlier report is replaced
+    assert "## Scores" in (folder / "results.md").read_text()
+    for name in ("results.md", "results.csv", "results.png"):
+        own = folder / name
+        kept = own.read_bytes()
+        own.write_text("my own notes\n")
+        with pytest.raises(ValueError, match=f"is not a run folder and holds {name} that no report wrote"):
+            report.build_report(folder)
+        assert own.read_text() == "my own notes\n"
+        own.write_bytes(kept)
+
+
 def base_fingerprint(weights: str) -> dict:
     return {"name": "tiny-llama", "config_hash": "c0ffee", "weight_checksum": weights}
 

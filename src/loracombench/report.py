@@ -674,6 +674,31 @@ def report_markdown(records: list[dict], comparisons: list[dict], retention: lis
     return "\n".join(parts)
 
 
+REPORT_FILES = ("results.csv", "results.md", "results.png")
+
+
+def _refuse_to_replace_foreign_files(run_dir: Path) -> None:
+    """A run's results.* are the run's own. In a folder that is no run (result folders gathered by
+    hand), they are replaced only when they are an earlier report's: the user's own files of
+    those names are never overwritten."""
+    if (run_dir / "config.json").is_file() or (run_dir / CURRENT_RESULTS).is_file():
+        return
+
+    def earlier_report(path: Path) -> bool:
+        if not path.is_file():
+            return False
+        if path.suffix == ".png":  # matplotlib names itself in the PNG's metadata
+            head = path.read_bytes()[:4096]
+            return head.startswith(b"\x89PNG") and b"Matplotlib" in head
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return text.startswith("statistic,model,") if path.suffix == ".csv" else "## Scores\n" in text
+
+    foreign = [name for name in REPORT_FILES if (run_dir / name).exists() and not earlier_report(run_dir / name)]
+    if foreign:
+        raise ValueError(f"{run_dir} is not a run folder and holds {', '.join(sorted(foreign))} that no report "
+                         f"wrote; move them away, or report into a copy of the result folders")
+
+
 def run_compare_with(run_dir: Path) -> tuple[str, ...]:
     """The run config's `compare_with` (config.json), or none for a folder without one."""
     config = run_dir / "config.json"
@@ -685,6 +710,7 @@ def build_report(run_dir: str | Path, partial: bool = False) -> Path:
     then its Markdown says so first."""
     run_dir = Path(run_dir)
     records = collect(run_dir, partial)
+    _refuse_to_replace_foreign_files(run_dir)
     predictions = load_predictions(run_dir, records)
     comparisons = paired_comparisons(records, predictions, run_compare_with(run_dir))
     retention = retention_rows(records, predictions)
