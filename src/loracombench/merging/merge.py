@@ -33,7 +33,15 @@ def merge_modules(
     for name, factors in ready.items():
         result, details[name] = spec.fn(factors, weights, resolved, name)
         merged[name] = as_float32(result)
+        if not finite(merged[name]):  # the inputs were checked finite: the weights overflowed
+            raise MergeError(f"{method} of finite adapters gave non-finite values in {name}: the weights or "
+                             f"parameters ({weights}, {resolved}) overflow float32; use smaller ones")
     return merged, merge_info(spec, resolved, weights, merged, details)
+
+
+def finite(factors: LoraFactors) -> bool:
+    return bool(torch.isfinite(factors.lora_A).all() and torch.isfinite(factors.lora_B).all()
+                and math.isfinite(factors.scale))
 
 
 def adapter_count(modules: dict[str, list]) -> int:
