@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import MIRROR, needs_mirror
-from loracombench import cache, io, metrics
+from loracombench import cache, io, metrics, models
 from loracombench.cli import main
 from loracombench.pipeline import Experiment
 from loracombench.tasks import get_task
@@ -223,6 +223,40 @@ def test_a_second_run_on_a_locked_folder_exits_2_and_changes_nothing(tmp_path, s
         holder.wait()
     with io.exclusive_lock(out):  # released when its holder ended
         pass
+
+
+def test_a_place_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_probe = io.probe_writable
+
+    def probe(folder, target):  # a read-only mount, as root meets it too
+        if Path(folder) == locked:
+            raise PermissionError(13, "Permission denied")
+        real_probe(folder, target)
+
+    monkeypatch.setattr(io, "probe_writable", probe)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
+    assert main(["train", "--task", "ag_news", "--model", "tiny-llama", "--out", str(locked / "a" / "b")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"loracombench train: error: --out {locked / 'a' / 'b'}: cannot write in {locked} (Permission denied); "
+        f"choose a folder you can write to (nothing was written)")
+    assert not any(locked.iterdir())
+    # an existing output folder must itself be writable: a resumed run writes inside it
+    assert main(["run", "--config", "default", "--out", str(locked)]) == 2
+    assert f"cannot write in {locked}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a folder's permission bits")
+def test_a_read_only_folder_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["merge", "--adapters", "a", "b", "--out", str(locked / "m")]) == 2
+        assert f"cannot write in {locked}" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
 
 
 def test_ctrl_c_while_the_command_line_is_read_gives_one_line(tmp_path, capsys, monkeypatch):

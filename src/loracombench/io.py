@@ -166,6 +166,15 @@ class OutputAppearedError(FileExistsError):
     something else before the command finished; it is kept, and the command's output is set aside."""
 
 
+def probe_writable(folder: Path, target: Path) -> None:
+    """Create and remove a temporary file in `folder`, named as a leftover of `target` would be
+    (so an interrupted probe is cleaned up like one): OSError when this process cannot write
+    there, whatever the reason (permissions, a read-only mount)."""
+    handle, probe = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".partial", dir=folder)
+    os.close(handle)
+    os.unlink(probe)
+
+
 def create_only(path: str | Path, only: bool = True) -> None:
     """Whether atomic_dir may later publish `path` only where nothing but leftovers is (only), or
     may replace what is there (the user asked to, with --overwrite)."""

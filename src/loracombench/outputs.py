@@ -147,6 +147,20 @@ def _overlap(out: Path, source: Path) -> bool:
     return out == source or out in source.parents or source in out.parents
 
 
+def _refuse_unwritable(out: Path, flag: str) -> None:
+    """Refuse before any work a place this process cannot write: the folder that will receive
+    `out` (its nearest existing ancestor, or its parent, where a replacement is published), and
+    `out` itself when it exists (a resumed command writes inside it). A training of minutes used
+    to fail only when it saved."""
+    receiving = out.parent if out.exists() else next(p for p in out.parents if p.exists())
+    for folder in dict.fromkeys([receiving, *([out] if out.is_dir() else [])]):
+        try:
+            io.probe_writable(folder, out)
+        except OSError as err:
+            raise OutputError(f"{flag} {out}: cannot write in {folder} ({err.strerror or err}); choose a folder "
+                              f"you can write to (nothing was written)") from None
+
+
 def check_out(out: str | Path, kind: str, *, overwrite: bool = False,
               inputs: dict[str, str | Path | list | None] | None = None, flag: str = "--out") -> Path:
     """Refuse an output location that would destroy data; return it when writing there is safe.
@@ -166,6 +180,7 @@ def check_out(out: str | Path, kind: str, *, overwrite: bool = False,
             what = "is an existing file" if ancestor == out else f"lies inside {ancestor}, which is a file"
             raise OutputError(f"{flag} {out} {what}; give a folder path that does not exist yet "
                               f"(nothing was written)")
+    _refuse_unwritable(out, flag)
     if not out.exists() or _is_empty(out):
         # What fills it before the command ends was not the user's to lose: publish only as new.
         io.create_only(out, not kind_.resumed)
