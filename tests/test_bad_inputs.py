@@ -65,6 +65,8 @@ CONFIGS = {
     "true_n_train.yaml": with_changes(n_train={"ag_news": True, "gsm8k": 4}),
     "train_split.yaml": with_changes(eval__split="train"),
     "true_seed.yaml": with_changes(seeds=[True]),
+    "huge_seed.yaml": with_changes(seeds=[2**32]),
+    "negative_eval_seed.yaml": with_changes(eval__seed=-1),
     "zero_sum_average.yaml": with_changes(merges=[{"method": "average", "weights": [1.0, -1.0]}]),
     "unknown_target.yaml": with_changes(train__target_modules=["q_proj", "qkv"]),
 }
@@ -150,6 +152,10 @@ CASES = [
     ("merge-no-out", MERGE, "--out"),
     # train: sizes, device, data, outputs
     ("train-batch-size-0", [*TRAIN, "--batch-size", "0", "--out", "{w}/new"], "--batch-size"),
+    # seeds beyond what numpy and scikit-learn take failed late, in their words, or were accepted
+    ("train-huge-seed", [*TRAIN, "--seed", str(2**64), "--out", "{w}/new"], "--seed: must be an integer from 0 to"),
+    ("train-negative-data-seed", [*TRAIN, "--data-seed", "-1", "--out", "{w}/new"], "--data-seed: must be an integer"),
+    ("eval-negative-seed", [*EVAL, "--seed", "-5", "--out", "{w}/new"], "--seed: must be an integer from 0 to"),
     ("train-batch-size-negative", [*TRAIN, "--batch-size", "-2", "--out", "{w}/new"], "--batch-size"),
     ("train-epochs-0", [*TRAIN, "--epochs", "0", "--out", "{w}/new"], "--epochs"),
     ("train-rank-0", [*TRAIN, "--r", "0", "--out", "{w}/new"], "--r"),
@@ -234,6 +240,10 @@ CASES = [
                                        "--out", "{w}/new"], "foo"),
     ("run-oversized-n-validation", [*RUN, "--config", "{w}/configs/oversized_n_validation.yaml",
                                     "--out", "{w}/new"], "n_validation of composition lorahub_n_validation1000=1000"),
+    ("run-huge-seed", [*RUN, "--config", "{w}/configs/huge_seed.yaml", "--out", "{w}/new"],
+     "seeds must be distinct integers from 0 to 4294967295"),
+    ("run-negative-eval-seed", [*RUN, "--config", "{w}/configs/negative_eval_seed.yaml", "--out", "{w}/new"],
+     "eval.seed"),
     ("run-yes-epochs", [*RUN, "--config", "{w}/configs/yes_epochs.yaml", "--out", "{w}/new"],
      "train.epochs: must be a number, not true/false"),
     ("run-one-as-flag", [*RUN, "--config", "{w}/configs/one_as_flag.yaml", "--out", "{w}/new"],

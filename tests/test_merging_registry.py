@@ -105,6 +105,12 @@ def test_invalid_param_values_are_rejected_with_the_valid_params(method, raw):
         merge_modules(method, {"m": [factors(), factors(seed=1)]}, params=raw)
 
 
+@pytest.mark.parametrize("raw, kind", [({"rank": "1.5"}, "an integer"), ({"density": "dense"}, "a number")])
+def test_a_value_of_the_wrong_kind_names_the_kind_in_words(raw, kind):
+    with pytest.raises(MergeError, match=f"must be {kind}"):
+        parse_params(METHODS["svd" if "rank" in raw else "ties"], raw)
+
+
 def with_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
     changed = tensor.clone()
     changed[0, 0] = value

@@ -43,19 +43,28 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def count(low: int):
-    """An argparse type: an integer >= low."""
+def count(low: int, high: int | None = None):
+    """An argparse type: an integer >= low (and <= high when given)."""
+    allowed = f">= {low}" if high is None else f"from {low} to {high}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer {allowed}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"integer {allowed}"
     return parse
+
+
+def seed_type(text: str) -> int:
+    """An argparse type: a seed every generator here takes."""
+    from .config import MAX_SEED
+
+    return count(0, MAX_SEED)(text)
 
 
 class Terminated(KeyboardInterrupt):
@@ -464,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.add_argument("--n-train", type=count(1), default=None,
                    help=f"seeded (stratified) training sample; default all ({SAMPLE_HELP})")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the training sample")
+    p.add_argument("--data-seed", type=seed_type, default=0, help="seed of the training sample")
     p.add_argument("--epochs", type=int, default=None, help=preset)
     # torchrun's parser reads `--r` as an abbreviation of its own options: --lora-rank passes through.
     p.add_argument("--r", "--lora-rank", dest="r", type=int, default=None,
@@ -476,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help=f"examples per micro-batch {preset}")
     p.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step {preset}")
     p.add_argument("--max-length", type=int, default=None, help=f"tokens per example (cut on the right) {preset}")
-    p.add_argument("--seed", type=int, default=None, help="training seed (default: configs/default.yaml's seeds[0])")
+    p.add_argument("--seed", type=seed_type, default=None, help="training seed (default: configs/default.yaml's seeds[0])")
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="optimizer steps between checkpoints in OUT.checkpoint/, from which a rerun resumes "
                         f"(0: none) {preset}")
@@ -511,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count(1), default=None, help=f"rows per log-likelihood forward pass {preset}")
     p.add_argument("--generate-batch-size", type=count(1), default=None,
                    help=f"GSM8K: prompts generated together {preset}")
-    p.add_argument("--seed", type=int, default=None, help=f"seed of the evaluation sample {preset}")
+    p.add_argument("--seed", type=seed_type, default=None, help=f"seed of the evaluation sample {preset}")
     add_out_args(p, "folder for metrics.json and predictions.jsonl", required=True)
     p.set_defaults(func=cmd_eval)
 

@@ -21,7 +21,7 @@ def _tasks_with_baselines() -> dict[str, list[str]]:
 
 
 def add_parsers(subparsers) -> None:
-    from .cli import SAMPLE_HELP, add_out_args, count
+    from .cli import SAMPLE_HELP, add_out_args, count, seed_type
     from .config import EvalSettings
 
     eda = subparsers.add_parser(
@@ -55,9 +55,9 @@ def add_parsers(subparsers) -> None:
                       help=f"seeded sample of N training rows (default: all; {SAMPLE_HELP})")
     base.add_argument("--n-eval", type=count(1), default=None,
                       help=f"seeded sample of N test rows (default: all; {SAMPLE_HELP})")
-    base.add_argument("--seed", type=int, default=0,
+    base.add_argument("--seed", type=seed_type, default=0,
                       help="training sample's and baselines' seed, a run's data_seed (default: 0)")
-    base.add_argument("--eval-seed", type=int, default=EvalSettings().seed,
+    base.add_argument("--eval-seed", type=seed_type, default=EvalSettings().seed,
                       help="test sample's seed, a run's eval.seed (default: %(default)s), so that a run's "
                            "sizes and seeds give its evaluation rows")
     add_out_args(base, "output folder", required=True)

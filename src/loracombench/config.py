@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .tasks import TASKS
 
+# The largest seed every generator here takes: numpy's and scikit-learn's random_state stop at 2^32 - 1.
+MAX_SEED = 2**32 - 1
+
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -88,7 +91,7 @@ class TrainSettings(Strict):
     max_length: int = Field(256, ge=8)
     weight_decay: float = Field(0.0, ge=0)
     group_by_length: bool = True
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # False: each task's LoRA starts from its own initialisation (seed derived from seed and task).
     shared_init: bool = False
     # Optimizer steps between checkpoints of the training state (0: never). On the default run a
@@ -124,7 +127,7 @@ class TrainSettings(Strict):
 
 class EvalSettings(Strict):
     split: str = "test"
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
     # None means the whole split.
     n_eval: dict[str, int | None] = Field(default_factory=lambda: {"ag_news": 200, "gsm8k": 60})
     n_generate: int | None = Field(30, ge=0)
@@ -201,7 +204,7 @@ class ExperimentConfig(Strict):
     data_dir: str | None = None
     tasks: list[str] = Field(default_factory=lambda: ["ag_news", "gsm8k"])
     n_train: dict[str, int | None] = Field(default_factory=lambda: {"ag_news": 400, "gsm8k": 240})
-    data_seed: int = 0
+    data_seed: int = Field(0, ge=0, le=MAX_SEED)
     # Each seed retrains the experts (LoRA initialisation, data order, dropout) and re-merges them;
     # the training sample (data_seed) and the evaluation sample stay fixed, so models pair up.
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -256,8 +259,8 @@ class ExperimentConfig(Strict):
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-            raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
+        if len(set(seeds)) != len(seeds) or any(not 0 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"seeds must be distinct integers from 0 to {MAX_SEED}, got {seeds}")
         return seeds
 
     def train_settings(self, task: str, seed: int) -> TrainSettings:

@@ -77,7 +77,7 @@ def parse_params(method: MergeMethod, raw: dict[str, str | int | float | bool]) 
 def _resolve(method: MergeMethod, param: Param, raw: dict) -> object:
     value = _coerce(raw[param.name], param.kind) if param.name in raw else param.default
     if value is None:
-        problem = f"must be a {param.kind.__name__}"
+        problem = f"must be {dict(int='an integer', float='a number', str='a string').get(param.kind.__name__, 'a ' + param.kind.__name__)}"
     else:
         problem = param.check(value) if param.check else None
     if problem:
