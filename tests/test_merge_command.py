@@ -75,6 +75,18 @@ def test_bad_merge_requests_write_nothing(tmp_path, two_adapters, capsys, argv_t
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("command", ["merge", "diagnose"])
+def test_commands_that_read_no_data_still_never_write_into_the_data_mirror(tmp_path, two_adapters, capsys,
+                                                                             monkeypatch, command):
+    mirror = tmp_path / "mirror"
+    (mirror / "ag_news").mkdir(parents=True)
+    monkeypatch.setenv("LORACOMBENCH_DATA_DIR", str(mirror))
+    argv = [command, "--adapters", *map(str, two_adapters), "--out", str(mirror / "ag_news" / "m")]
+    assert main(argv) == 2
+    assert "overlaps the input $LORACOMBENCH_DATA_DIR" in capsys.readouterr().err
+    assert [p.name for p in mirror.rglob("*")] == ["ag_news"]
+
+
 def test_merge_refuses_adapters_of_different_bases(tmp_path, capsys):
     llama = make_adapter(tmp_path / "llama", 1)
     other = make_adapter(tmp_path / "gpt2", 2, base="tiny-gpt2", targets=("c_attn",))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -97,6 +98,15 @@ def _data_input(data_dir) -> Path | None:
     from .data import resolve_data_dir
 
     return resolve_data_dir(data_dir)
+
+
+def _data_mirror_guarded() -> dict:
+    """The mirror named by $LORACOMBENCH_DATA_DIR, for a command that reads no data: its --out
+    must not land in the mirror either."""
+    from .data import DATA_DIR_ENV
+
+    mirror = os.environ.get(DATA_DIR_ENV)
+    return {f"${DATA_DIR_ENV}": mirror} if mirror else {}
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -259,7 +269,8 @@ def cmd_merge(args) -> int:
     from .merging.merge import checked_weights
     from .outputs import check_out
 
-    check_out(args.out, "merge", overwrite=args.overwrite, inputs={"--adapters": args.adapters})
+    check_out(args.out, "merge", overwrite=args.overwrite,
+              inputs={"--adapters": args.adapters, **_data_mirror_guarded()})
     try:
         checked_weights(args.weights, len(args.adapters))
     except MergeError as err:
@@ -279,7 +290,8 @@ def cmd_diagnose(args) -> int:
 
     if len(args.adapters) < 2:
         raise ValueError(f"--adapters: diagnose compares at least two adapters, got {len(args.adapters)}")
-    out = check_out(args.out, "diagnostics", overwrite=args.overwrite, inputs={"--adapters": args.adapters})
+    out = check_out(args.out, "diagnostics", overwrite=args.overwrite,
+                    inputs={"--adapters": args.adapters, **_data_mirror_guarded()})
     loaded = [read_adapter(p) for p in args.adapters]
     check_same_base(loaded)
     if not set.intersection(*(set(a.factors) for a in loaded)):
