@@ -46,7 +46,7 @@ import yaml
 
 import bench_merge
 from loracombench import adapters, evaluation, io
-from loracombench.cli import HelpFormatter
+from loracombench.cli import HelpFormatter, seed_type
 from loracombench.config import PRESETS_DIR, EvalSettings, TrainSettings, load_config
 from loracombench.data import load_sample
 from loracombench.evaluation import EvalConfig
@@ -817,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"where bench.json and bench.md go (default: {DEFAULT_OUT}, or its subfolder named after --model "
              "for another model, so that a quick check never replaces the committed bench)")
     add("--data-dir", default=None, help="the data mirror (default $LORACOMBENCH_DATA_DIR, else the hub)")
-    add("--seed", type=int, default=0, help="the row samples' seed")
+    add("--seed", type=seed_type, default=0, help="the row samples' seed")
     add("--tolerance", type=float, default=1e-3, help="largest log-likelihood difference that still agrees")
     add("--train-rows", type=positive_int, default=32, help="training rows per task (AG News and GSM8K)")
     add("--train-batch-size", type=positive_int, default=8, help="rows per optimizer step")

@@ -149,7 +149,8 @@ def test_search_stays_within_the_bounds():
     ({"variant": "soft"}, r"unknown variant 'soft'; valid: faithful, exact"),
     ({"budget": 0}, r"budget must be an integer >= 1, got 0"),
     ({"n_validation": 2.5}, r"n_validation must be an integer >= 1, got 2.5"),
-    ({"seed": -1}, r"seed must be an integer >= 0"),
+    ({"seed": -1}, r"seed must be an integer from 0 to 4294967295"),
+    ({"seed": 2**32}, r"seed must be an integer from 0 to 4294967295"),  # numpy's RandomState stops there
     ({"bounds": [0.5, 1.5]}, r"bounds must be \[low, high\] .* got \[0.5, 1.5\]"),
     ({"bounds": [1.0]}, r"bounds must be"),
     ({"weights": [1, 1]}, r"unknown parameter\(s\) \['weights'\]; valid: \['bounds', 'budget'"),

@@ -247,6 +247,34 @@ def test_a_place_that_cannot_be_written_is_refused_before_any_work(tmp_path, cap
     assert f"cannot write in {locked}" in capsys.readouterr().err
 
 
+def test_writability_is_checked_where_each_command_writes(tmp_path, monkeypatch):
+    from loracombench.outputs import OutputError, check_out
+
+    locked, free = tmp_path / "locked", tmp_path / "free"
+    for folder in (locked, free):
+        folder.mkdir()
+    real_probe = io.probe_writable
+
+    def probe(folder, target):
+        if Path(folder) == locked:
+            raise PermissionError(13, "Permission denied")
+        real_probe(folder, target)
+
+    monkeypatch.setattr(io, "probe_writable", probe)
+    # a run resumes inside its own folder: a parent it never writes to does not matter
+    run = locked / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "m", "tasks": [], "merges": []}))
+    assert check_out(run, "run") == run
+    # a symlinked --out is published beside its target, so that is where it must be writable
+    (locked / "link").symlink_to(free / "real")
+    assert check_out(locked / "link", "merge") == locked / "link"
+    (free / "back").symlink_to(locked / "real")
+    with pytest.raises(OutputError, match=f"cannot write in {locked}"):
+        check_out(free / "back", "merge")
+    assert not [p for p in free.iterdir() if p.name not in ("back",)]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through a folder's permission bits")
 def test_a_read_only_folder_is_refused(tmp_path, capsys):
     locked = tmp_path / "locked"

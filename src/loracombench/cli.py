@@ -106,7 +106,7 @@ def _data_mirror_guarded() -> dict:
     from .data import DATA_DIR_ENV
 
     mirror = os.environ.get(DATA_DIR_ENV)
-    return {f"${DATA_DIR_ENV}": mirror} if mirror else {}
+    return {f"${DATA_DIR_ENV}": Path(mirror).expanduser()} if mirror else {}
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -630,7 +630,8 @@ def _refuse_torchrun_unless_data_parallel(command: str) -> None:
 INTERRUPTED = {
     "run": "finished cells are kept and a rerun resumes from them",
     "sweep": "finished cells are kept and a rerun resumes from them",
-    "train": "the latest checkpoint is kept in OUT.checkpoint/ and the same command resumes from it",
+    "train": "a checkpoint saved before it (every --checkpoint-every steps) stays beside --out as "
+             "<out>.checkpoint/, and the same command resumes from it",
 }
 
 

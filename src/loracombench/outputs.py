@@ -147,15 +147,19 @@ def _overlap(out: Path, source: Path) -> bool:
     return out == source or out in source.parents or source in out.parents
 
 
-def _refuse_unwritable(out: Path, flag: str) -> None:
-    """Refuse before any work a place this process cannot write: the folder that will receive
-    `out` (its nearest existing ancestor, or its parent, where a replacement is published), and
-    `out` itself when it exists (a resumed command writes inside it). A training of minutes used
-    to fail only when it saved."""
-    receiving = out.parent if out.exists() else next(p for p in out.parents if p.exists())
-    for folder in dict.fromkeys([receiving, *([out] if out.is_dir() else [])]):
+def _refuse_unwritable(out: Path, flag: str, resumed: bool) -> None:
+    """Refuse before any work a place this process cannot write (a training of minutes used to
+    fail only when it saved). Checked where the command will write: inside an existing `out` that
+    a resumed command (run, sweep) writes into; else beside it, where a new or replacing folder is
+    published, or in its nearest existing ancestor. A symlinked `out` is published at its target."""
+    real = out.resolve()
+    if resumed and real.is_dir():
+        folders = [real]
+    else:
+        folders = [real.parent if real.exists() else next(p for p in real.parents if p.exists())]
+    for folder in folders:
         try:
-            io.probe_writable(folder, out)
+            io.probe_writable(folder, real)
         except OSError as err:
             raise OutputError(f"{flag} {out}: cannot write in {folder} ({err.strerror or err}); choose a folder "
                               f"you can write to (nothing was written)") from None
@@ -180,7 +184,7 @@ def check_out(out: str | Path, kind: str, *, overwrite: bool = False,
             what = "is an existing file" if ancestor == out else f"lies inside {ancestor}, which is a file"
             raise OutputError(f"{flag} {out} {what}; give a folder path that does not exist yet "
                               f"(nothing was written)")
-    _refuse_unwritable(out, flag)
+    _refuse_unwritable(out, flag, kind_.resumed)
     if not out.exists() or _is_empty(out):
         # What fills it before the command ends was not the user's to lose: publish only as new.
         io.create_only(out, not kind_.resumed)

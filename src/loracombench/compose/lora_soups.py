@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import adapters, io
-from ..config import TrainSettings
+from ..config import MAX_SEED, TrainSettings
 from ..evaluation import model_device
 from ..merging.factors import LoraFactors
 from ..merging.ops import concat_factors
@@ -292,9 +292,9 @@ def _check_values(name: str, params: dict) -> None:
     """One clear error for the first bad parameter, naming it and what it accepts."""
     for key, low in (("n_validation", 1), ("epochs", 1), ("batch_size", 1)):
         _check_int(name, key, params[key], low)
-    for key, low in (("seed", 0), ("max_length", 8)):
+    for key, low, high in (("seed", 0, MAX_SEED), ("max_length", 8, None)):
         if params[key] is not None:
-            _check_int(name, key, params[key], low, "or null")
+            _check_int(name, key, params[key], low, "or null", high)
     rate = params["learning_rate"]
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
         raise ValueError(f"composition {name!r}: learning_rate must be a finite number > 0, got {rate!r}")
@@ -306,7 +306,8 @@ def _check_values(name: str, params: dict) -> None:
                          f"does) and needs weighting 'softmax', got {params['weighting']!r}")
 
 
-def _check_int(name: str, key: str, value, low: int, also: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"composition {name!r}: {key} must be an integer >= {low}{' ' + also if also else ''}, "
+def _check_int(name: str, key: str, value, low: int, also: str = "", high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"composition {name!r}: {key} must be an integer {allowed}{' ' + also if also else ''}, "
                          f"got {value!r}")

@@ -51,6 +51,7 @@ from typing import Callable
 import torch
 
 from .. import adapters, io, stats
+from ..config import MAX_SEED
 from ..evaluation import model_device
 from ..merging.average import merge_average
 from ..merging.factors import LoraFactors
@@ -315,8 +316,8 @@ def parameter_problem(params: dict) -> str | None:
     for name in ("budget", "n_validation"):
         if not is_int(params[name]) or params[name] < 1:
             return f"{name} must be an integer >= 1, got {params[name]!r}"
-    if not is_int(params["seed"]) or params["seed"] < 0:
-        return f"seed must be an integer >= 0, got {params['seed']!r}"
+    if not is_int(params["seed"]) or not 0 <= params["seed"] <= MAX_SEED:
+        return f"seed must be an integer from 0 to {MAX_SEED}, got {params['seed']!r}"
     bounds = params["bounds"]
     if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds)
