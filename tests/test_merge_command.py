@@ -64,8 +64,8 @@ def test_merge_list_shows_every_method(capsys):
     (["--param", "bogus=1"], "bogus"),
     (["--param", "novalue"], "key=value"),
     # finite weights whose merge overflows float32
-    (["--method", "task_arithmetic", "--weights", "1e308", "1e308"], "overflow float32"),
-    (["--method", "ties", "--param", "lam=1e308"], "overflow float32"),
+    (["--method", "task_arithmetic", "--weights", "1e308", "1e308"], "overflows float32"),
+    (["--method", "ties", "--param", "lam=1e308"], "overflows float32"),
 ])
 def test_bad_merge_requests_write_nothing(tmp_path, two_adapters, capsys, argv_tail, message):
     out = tmp_path / "out"

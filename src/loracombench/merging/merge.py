@@ -34,8 +34,8 @@ def merge_modules(
         result, details[name] = spec.fn(factors, weights, resolved, name)
         merged[name] = as_float32(result)
         if not finite(merged[name]):  # the inputs were checked finite: the weights overflowed
-            raise MergeError(f"{method} of finite adapters gave non-finite values in {name}: the weights or "
-                             f"parameters ({weights}, {resolved}) overflow float32; use smaller ones")
+            raise MergeError(f"{method} of finite adapters gave non-finite values in {name}: with weights {weights} "
+                             f"and parameters {resolved} the result overflows float32")
     return merged, merge_info(spec, resolved, weights, merged, details)
 
 
