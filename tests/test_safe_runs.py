@@ -8,6 +8,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -398,6 +399,20 @@ def test_overwrite_replaces_only_what_the_command_writes(command, tmp_path, smal
     assert main([*argv, "--overwrite"]) == 2
     error = capsys.readouterr().err
     assert "(README.md, my_analysis/, my_notes.txt)" in error and "--overwrite would delete it" in error
+    assert tree_digest(out) == before
+
+
+def test_baseline_overwrite_keeps_a_result_folder_the_user_copied_in_under_another_name(tmp_path, small_mirror,
+                                                                                         capsys):
+    out = tmp_path / "out"
+    argv = [*replaceable_commands(tmp_path, small_mirror)["baseline"], "--out", str(out)]
+    assert main(argv) == 0
+    first = sorted(p.name for p in out.iterdir())
+    shutil.copytree(out / first[0], out / "my_model")  # the same two files, the user's own folder now
+    before = tree_digest(out)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    assert "(my_model/)" in capsys.readouterr().err
     assert tree_digest(out) == before
 
 

@@ -95,8 +95,13 @@ def _trained_adapter_file(entry: Path) -> bool:
 
 
 def _baseline_result(entry: Path) -> bool:
-    return entry.is_dir() and {f.name for f in entry.iterdir() if f.is_file()} == set(RESULT_FILES) \
-        and all(f.is_file() for f in entry.iterdir())
+    """A folder `baseline` writes: its two result files, a baseline's record, named after it (a
+    copy the user renamed, or a model's result, is theirs)."""
+    if not (entry.is_dir() and {f.name for f in entry.iterdir() if f.is_file()} == set(RESULT_FILES)
+            and all(f.is_file() for f in entry.iterdir())):
+        return False
+    model = _json_field(entry / "metrics.json", "model")
+    return isinstance(model, dict) and model.get("kind") == "baseline" and model.get("label") == entry.name
 
 
 def _eda_file(entry: Path) -> bool:
