@@ -313,11 +313,17 @@ class ExperimentConfig(Strict):
         from .merging import MergeError
         from .merging.merge import checked_weights
 
-        for spec in self.compositions:
-            get_composition(spec.method, spec.params)
+        for index, spec in enumerate(self.compositions):
+            try:
+                get_composition(spec.method, spec.params)
+            except ValueError as err:  # the entry's place in the file, where methods repeat
+                raise ValueError(f"compositions.{index} ({spec.method}): {err}") from None
         for index, spec in enumerate(self.merges):
-            method = get_method(spec.method)
-            params = parse_params(method, spec.params)
+            try:
+                method = get_method(spec.method)
+                params = parse_params(method, spec.params)
+            except MergeError as err:
+                raise ValueError(f"merges.{index} ({spec.method}): {err}") from None
             try:
                 weights = checked_weights(spec.weights, len(self.tasks))
                 if method.check_weights:
