@@ -377,12 +377,16 @@ def test_every_option_of_every_command_has_help_that_states_its_default():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     for name, command in commands.items():
+        assert command.description, f"{name} --help has no description"
         text = " ".join(command.format_help().split())
         for action in command._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
             where = f"{name} {'/'.join(action.option_strings) or action.dest}"
             assert action.help, f"{where} has no help"
+            # an option left unset says what then happens: a default or that it is required
+            unset = action.option_strings and action.default is None and not action.required
+            assert not unset or any(word in action.help.lower() for word in ("default", "required")), where
             stated = action.default is None or isinstance(action.default, bool) or action.required
             assert stated or f"(default: {action.default})" in text or "default" in action.help.lower(), where
 

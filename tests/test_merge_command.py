@@ -63,6 +63,7 @@ def test_merge_list_shows_every_method(capsys):
     (["--weights", "1"], "weights"),
     (["--param", "bogus=1"], "bogus"),
     (["--param", "novalue"], "key=value"),
+    (["--method", "ties", "--param", "density=0.5", "--param", "density=0.3"], "--param density is given twice"),
     # finite weights whose merge overflows float32
     (["--method", "task_arithmetic", "--weights", "1e308", "1e308"], "overflows float32"),
     (["--method", "ties", "--param", "lam=1e308"], "overflows float32"),

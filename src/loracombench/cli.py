@@ -249,6 +249,9 @@ def _parse_key_values(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--param expects key=value, got {pair!r}")
+        if key.strip() in params:
+            raise ValueError(f"--param {key.strip()} is given twice ({params[key.strip()]!r} and {value.strip()!r}); "
+                             f"give it once")
         params[key.strip()] = value.strip()
     return params
 
@@ -458,6 +461,12 @@ def add_out_args(parser, help: str, required: bool = False, default=None) -> Non
                         help="replace an earlier output of this command at --out (never anything else)")
 
 
+def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help opens with its one-line summary unless it has a longer description."""
+    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+    return sub.add_parser(name, help=help, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cli_analysis import add_parsers as add_analysis_parsers
     from .executors import EXECUTORS, RAY_EXTRA
@@ -466,15 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loracombench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the registered base models")
+    p = _command(sub, "models", help="list the registered base models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("data", help="show each task's splits, sizes and source")
+    p = _command(sub, "data", help="show each task's splits, sizes and source")
     _add_data_arg(p)
     p.set_defaults(func=cmd_data)
 
     preset = "(default: configs/default.yaml's)"
-    p = sub.add_parser("train", help="train one LoRA adapter on one task",
+    p = _command(sub, "train", help="train one LoRA adapter on one task",
                        description="Train one LoRA adapter. Every unset training setting is the default preset's "
                                    "(configs/default.yaml, train and train_per_task). Data-parallel over several "
                                    "processes or GPUs when started by torchrun: torchrun --nproc_per_node N -m "
@@ -512,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_out_args(p, "adapter folder (default models/<task>)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate the base model or an adapter on one task",
+    p = _command(sub, "eval", help="evaluate the base model or an adapter on one task",
                        description="Evaluate the base model or an adapter on one task. Every unset evaluation "
                                    "setting is the default preset's, so the rows and settings are those of the "
                                    "default run's table.")
@@ -521,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_arg(p, preset)
     _add_data_arg(p)
     p.add_argument("--adapter", type=Path, default=None, help="PEFT adapter folder (default: the base model)")
-    p.add_argument("--label", default=None, help="name of the model in the result file")
+    p.add_argument("--label", default=None,
+                   help="name of the model in the result file (default: the adapter folder's name, or base)")
     p.add_argument("--split", default=None, help=f"the split scored (a run scores test) {preset}")
     p.add_argument("--n-eval", type=count(1), default=None,
                    help=f"examples scored (seeded sample; {SAMPLE_HELP}) {preset}")
@@ -536,24 +546,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_out_args(p, "folder for metrics.json and predictions.jsonl", required=True)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("merge", help="merge adapters with a registered method (no base model needed)")
+    p = _command(sub, "merge", help="merge adapters with a registered method (no base model needed)")
     p.add_argument("--method", default="average", help="merge method (see --list)")
-    p.add_argument("--adapters", nargs="+", type=Path, help="adapter folders, same base model")
-    p.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per adapter")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
-    add_out_args(p, "folder of the merged PEFT adapter")
+    p.add_argument("--adapters", nargs="+", type=Path, help="adapter folders, same base model (required unless --list)")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="one weight per adapter (default: 1 each; average normalises them)")
+    p.add_argument("--param", action="append", default=None, metavar="KEY=VALUE",
+                   help="method parameter, repeatable (default: the method's defaults, see --list)")
+    add_out_args(p, "folder of the merged PEFT adapter (required unless --list)")
     p.add_argument("--list", action="store_true", help="list methods, their parameters and references")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("diagnose", help="interference diagnostics between adapters (JSON + plot)")
+    p = _command(sub, "diagnose", help="interference diagnostics between adapters (JSON + plot)")
     p.add_argument("--adapters", nargs="+", type=Path, required=True,
                    help="two or more adapter folders on the same base model")
     add_out_args(p, "folder for diagnostics.json and diagnostics.png", required=True)
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("run", help="the whole experiment: train, merge, evaluate, report (resumable)")
+    p = _command(sub, "run", help="the whole experiment: train, merge, evaluate, report (resumable)")
     p.add_argument("--config", default=None, help="preset name in configs/ or a YAML file (default: default)")
-    p.add_argument("--model", default=None, help="override the config's base model")
+    p.add_argument("--model", default=None, help="override the config's base model (default: the config's)")
     _add_remote_code_consent(p)
     _add_data_arg(p)
     p.add_argument("--out", type=Path, default=None,
@@ -573,8 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the cluster has GPUs")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("sweep", help="choose each task's learning rate on validation data (never test)")
-    p.add_argument("--config", default=None, help="preset name or YAML file; everything but the rate is kept")
+    p = _command(sub, "sweep", help="choose each task's learning rate on validation data (never test)")
+    p.add_argument("--config", default=None,
+                   help="preset name or YAML file; everything but the rate is kept (default: default)")
     p.add_argument("--learning-rates", nargs="+", type=float, required=True, metavar="LR",
                    help="the rates to train each task's expert with, each once")
     p.add_argument("--tasks", nargs="+", default=None, help="default: the config's tasks")
@@ -586,8 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep folder (default runs/<config name>-lr-sweep); an earlier sweep there is resumed")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("verbalizers", help="base-model validation scores of candidate label words")
-    p.add_argument("--config", default=None, help="preset name or YAML file (model, data)")
+    p = _command(sub, "verbalizers", help="base-model validation scores of candidate label words")
+    p.add_argument("--config", default=None, help="preset name or YAML file (model, data) (default: default)")
     p.add_argument("--task", default="ag_news", help="a multiple-choice task")
     p.add_argument("--candidates", nargs="+", required=True, metavar="A,B,C,D",
                    help="label sets, comma-separated, in the task's label order")
@@ -597,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_out_args(p, "folder (default runs/<config name>-verbalizers)")
     p.set_defaults(func=cmd_verbalizers)
 
-    p = sub.add_parser("report", help="rebuild results.csv/.md/.png of a run folder from its result files")
+    p = _command(sub, "report", help="rebuild results.csv/.md/.png of a run folder from its result files")
     p.add_argument("run_dir", type=Path, help="the folder of a finished `loracombench run`")
     p.add_argument("--partial", action="store_true",
                    help="report an unfinished run's results so far (the table then says it is partial)")
