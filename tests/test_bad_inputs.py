@@ -176,6 +176,11 @@ CASES = [
     ("train-cuda-absent", [*TRAIN, "--device", "cuda", "--out", "{w}/new"], "--device 'cuda'"),
     ("train-bad-device", [*TRAIN, "--device", "tpu9", "--out", "{w}/new"], "--device 'tpu9'"),
     ("train-unknown-task", ["train", "--task", "mnli", *TINY, *M, "--out", "{w}/new"], "'mnli'"),
+    # a folder that is no model: said so, not in the tokenizer's words
+    ("train-model-is-an-adapter", ["train", "--task", "ag_news", "--model", "{w}/other_trained", *M,
+                                   "--out", "{w}/new"], "not a model folder (no config.json); it holds a LoRA adapter"),
+    ("train-model-is-a-folder", ["train", "--task", "ag_news", "--model", "{w}/foreign", *M, "--out", "{w}/new"],
+     "not a model folder (no config.json); give a registered name"),
     ("train-out-is-file", [*TRAIN, "--out", "{w}/file.txt"], "file.txt is an existing file"),
     ("train-out-earlier-adapter", [*TRAIN, "--out", "{w}/other_trained"], "already holds a trained adapter"),
     ("train-out-in-data", [*TRAIN, "--out", "{w}/mirror/adapter"], "overlaps the input --data-dir"),

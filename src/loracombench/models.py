@@ -220,6 +220,12 @@ def _load_pretrained(name: str, trust_remote_code: bool = False) -> tuple:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name).exists()
+    if local and not (Path(name) / "config.json").is_file():
+        adapter = (Path(name) / "adapter_config.json").is_file()
+        raise ModelError(f"model {name}: not a model folder (no config.json)"
+                         + ("; it holds a LoRA adapter, whose base model is the model to give (an adapter "
+                            "is passed as --adapter)" if adapter else "; give a registered name (see "
+                            "`loracombench models`), a hub id or a folder saved by save_pretrained"))
     # Try the local HF cache first; go to the network only if the hub is reachable at all, so
     # that an offline machine fails in a second instead of after a minute of retries.
     kwargs = {"trust_remote_code": trust_remote_code,
