@@ -74,6 +74,16 @@ def test_ag_news_counts_lengths_and_length_classifier():
     assert kw["df"] == 3 and 0 < kw["p_value"] < 1
 
 
+def test_prompts_shared_between_splits_are_counted_exactly_and_loosely():
+    train = [{"text": "Stocks rise", "label": 2}, {"text": "Goal!", "label": 1}, {"text": "Rain", "label": 0}]
+    test = [{"text": "Stocks rise", "label": 2}, {"text": "goal! ", "label": 1}, {"text": "Snow", "label": 0}]
+    shared = eda.compute_stats("ag_news", {"train": train, "test": test})["shared_prompts"]
+    # the prompt strips the text, so "goal! " differs from "Goal!" only in case
+    assert shared == {"train/test": {"same_prompt": 1, "same_ignoring_whitespace_and_case": 2}}
+    lines = eda.summary_lines(eda.compute_stats("ag_news", {"train": train, "test": test}))
+    assert "ag_news: prompts shared between splits: train/test 1 (2 ignoring whitespace and case)" in lines
+
+
 def test_stump_tie_rules_and_degenerate_input():
     # Lengths 1,2 -> class 1; 3,4 -> class 0: threshold 2.5, left 1, right 0.
     stump = ag_news_analysis.fit_length_stump([1, 2, 3, 4], [1, 1, 0, 0])

@@ -16,6 +16,7 @@ tokens. Every input problem is raised as DataError/ValueError before anything is
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -83,8 +84,26 @@ def compute_stats(task_name: str, splits: dict[str, list[dict]], tokenizer=None)
     check_splits(task, splits)
     stats = {"task": task.name, "description": task.description, "length_unit": WORD_UNIT}
     stats.update(task.eda_stats(splits))
+    stats["shared_prompts"] = shared_prompts(task, splits)
     stats["token_lengths"] = token_stats(task, splits, tokenizer) if tokenizer is not None else None
     return stats
+
+
+def shared_prompts(task: Task, splits: dict[str, list[dict]]) -> dict[str, dict[str, int]]:
+    """For each pair of splits, how many prompts of the second also stand in the first, as the
+    model reads them and with whitespace and case ignored: a test example whose prompt a model
+    trained on measures memory, not the task."""
+    def loose(text: str) -> str:
+        return " ".join(text.split()).lower()
+
+    prompts = {split: [task.prompt(row) for row in rows] for split, rows in splits.items()}
+    shared = {}
+    for first, second in itertools.combinations(prompts, 2):
+        exact, relaxed = set(prompts[first]), {loose(p) for p in prompts[first]}
+        shared[f"{first}/{second}"] = {"same_prompt": sum(p in exact for p in prompts[second]),
+                                       "same_ignoring_whitespace_and_case":
+                                           sum(loose(p) in relaxed for p in prompts[second])}
+    return shared
 
 
 def load_task_splits(task_names, data_dir=None) -> dict[str, dict[str, list[dict]]]:
@@ -125,6 +144,10 @@ def run_eda(task_names, data_dir, out_dir, tokenizer=None) -> Path:
 def summary_lines(stats: dict) -> list[str]:
     """What `loracombench eda` prints about one task: its own summary, then its token lengths."""
     lines = get_task(stats["task"]).eda_summary(stats)
+    if stats.get("shared_prompts"):
+        lines.append(f"{stats['task']}: prompts shared between splits: " + ", ".join(
+            f"{pair} {n['same_prompt']} ({n['same_ignoring_whitespace_and_case']} ignoring whitespace and case)"
+            for pair, n in stats["shared_prompts"].items()))
     if stats.get("token_lengths"):
         pooled = stats["token_lengths"]["all_splits"]["prompt_plus_target"]
         lines.append(f"{stats['task']}: prompt+target tokens p50 {pooled['p50']:.0f}, p95 {pooled['p95']:.0f}, "
