@@ -200,7 +200,9 @@ def test_eda_and_baseline_commands_serve_the_toy_tasks(tmp_path, toy_mirror, toy
     record = json.loads((out / "eda_stats.json").read_text())
     assert record["plots"] == ["toy_sum_sums.png"]
     assert record["tasks"]["toy_sum"]["splits"]["train"]["sum"]["mean"] == 31 / 8
-    assert set(record["tasks"]["toy_colour"]) == {"task", "description", "length_unit", "token_lengths"}
+    # a task without EDA hooks of its own gets the generic statistics alone
+    assert set(record["tasks"]["toy_colour"]) == {"task", "description", "length_unit", "shared_prompts",
+                                                  "token_lengths"}
     assert "toy_sum: mean train sum 3.88" in capsys.readouterr().out
 
     out = tmp_path / "baselines"
