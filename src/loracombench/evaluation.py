@@ -1,9 +1,8 @@
 """Scoring every model the same way: log-likelihood multiple choice for AG News, greedy
 generation and the gold target's per-token NLL for GSM8K (task.target: the solution the experts
 train on, for GSM8K without calculator annotations; the EOS they train on after it is not
-scored). A generation
-task extracts and compares its own answers (Task.score_output); this module only decodes and
-aggregates."""
+scored). A generation task extracts and compares its own answers (Task.score_output); this
+module only decodes and aggregates."""
 
 from __future__ import annotations
 
@@ -277,8 +276,8 @@ def generated(index: int, config: EvalConfig) -> bool:
 
 
 def predict_generation(model, tokenizer, task: Task, rows, indices, config: EvalConfig, progress: bool):
-    """Per row: the gold target's per-token NLL (task.target as training encodes it, its EOS not scored),
-    and for the generated prefix the output and the task's own extraction and comparison
+    """Per row: the gold target's per-token NLL (task.target as training encodes it, its EOS not
+    scored), and for the generated prefix the output and the task's own extraction and comparison
     (Task.score_output)."""
     requests = [encode_pair(tokenizer, task.prompt(r), task.target(r)) for r in rows]
     logprobs = continuation_logprobs(model, tokenizer, requests, config.batch_size, "gold NLL", progress,

@@ -159,15 +159,14 @@ def _refuse_unwritable(out: Path, flag: str, resumed: bool) -> None:
     published, or in its nearest existing ancestor. A symlinked `out` is published at its target."""
     real = out.resolve()
     if resumed and real.is_dir():
-        folders = [real]
+        folder = real
     else:
-        folders = [real.parent if real.exists() else next(p for p in real.parents if p.exists())]
-    for folder in folders:
-        try:
-            io.probe_writable(folder, real)
-        except OSError as err:
-            raise OutputError(f"{flag} {out}: cannot write in {folder} ({err.strerror or err}); choose a folder "
-                              f"you can write to (nothing was written)") from None
+        folder = real.parent if real.exists() else next(p for p in real.parents if p.exists())
+    try:
+        io.probe_writable(folder, real)
+    except OSError as err:
+        raise OutputError(f"{flag} {out}: cannot write in {folder} ({err.strerror or err}); choose a folder "
+                          f"you can write to (nothing was written)") from None
 
 
 def check_out(out: str | Path, kind: str, *, overwrite: bool = False,

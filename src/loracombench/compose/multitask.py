@@ -2,11 +2,11 @@
 
 Not a composition of the experts but the point composition papers compare against (LoRA Soups'
 data-mix baseline, Prabhakar et al. 2024, arXiv:2410.13025; LoraHub, whose target tasks are
-unseen, compares with in-context learning and with fine-tuning on the target task's few
-examples instead): what the same data and the same budget give
-when the tasks are known at training time. It uses the experts' settings, with the rank (and lora_alpha, so that the
-scaling alpha/r stays the experts') multiplied by `rank_factor`: at factor 2 it has as many
-parameters as the two experts together."""
+unseen, compares with in-context learning and with fine-tuning on the target task's few examples
+instead): what the same data and the same budget give when the tasks are known at training time.
+It uses the experts' settings, with the rank (and lora_alpha, so that the scaling alpha/r stays
+the experts') multiplied by `rank_factor`: at factor 2 it has as many parameters as the two
+experts together."""
 
 from __future__ import annotations
 
